@@ -1,0 +1,159 @@
+"""The `factory` command. Thin: it parses arguments and calls into the package; errors are one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from factory.errors import FactoryError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Batch content factory: manifests in, content out.")
+models_app = typer.Typer(no_args_is_help=True, help="Build and list model profiles.")
+app.add_typer(models_app, name="models")
+
+ProfileOption = Annotated[str, typer.Option("--profile", "-p", help="Model profile (see `factory models list`)")]
+
+
+def one_line_errors(command):
+    """A person gets `error: <what and why>` and exit status 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        try:
+            return command(*args, **kwargs)
+        except FactoryError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except ValidationError as error:
+            from factory.routing.parser import first_validation_problem
+
+            typer.echo(f"error: {first_validation_problem(error)}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as error:
+            typer.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _configure_logging() -> None:
+    from factory.logs import configure_logging
+
+    configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "warning"))
+
+
+def _run_single(row: dict, profile: str):
+    """One request through the same parser and executor the replicas use, in this process."""
+    from factory.model.stack import ModelStack
+    from factory.routing.executor import TaskExecutor
+    from factory.routing.local import load_request_image, profile_defaults
+    from factory.routing.parser import parse_request
+
+    _configure_logging()
+    from factory.model.profiles import get_profile
+
+    resolved = get_profile(profile)
+    request = parse_request(row, profile_defaults(resolved))
+    image = load_request_image(request)
+    stack = ModelStack.from_profile(resolved)
+    result = TaskExecutor(stack).run([request], [image])[0]
+    if result.error:
+        raise FactoryError(f"row {result.id}: {result.error}")
+    return result
+
+
+@app.command()
+@one_line_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write")] = Path("out.png"),
+    seed: Annotated[Optional[int], typer.Option(help="Random seed; same seed, same bytes")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (profile default)")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Multiple of 16")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Multiple of 16")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale")] = None,
+    profile: ProfileOption = "tiny",
+):
+    """Generate one image from a prompt."""
+    row = {"id": "cli", "tenant": "cli", "task": "generate", "prompt": prompt, "seed": seed, "steps": steps,
+           "width": width, "height": height, "guidance": guidance}
+    result = _run_single(row, profile)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(result.image_png or b"")
+    typer.echo(f"{output}  seed={result.seed} steps={result.steps} {result.width}x{result.height} "
+               f"{result.latency_ms:.0f} ms")
+
+
+@app.command()
+@one_line_errors
+def describe(
+    image: Annotated[str, typer.Argument(help="Image path or s3:// URI")],
+    instruction: Annotated[Optional[str], typer.Option("--prompt", help="Caption instruction")] = None,
+    profile: ProfileOption = "tiny",
+):
+    """Caption an image."""
+    result = _run_single({"id": "cli", "tenant": "cli", "task": "caption", "image": image, "prompt": instruction}, profile)
+    typer.echo(result.caption)
+
+
+@app.command()
+@one_line_errors
+def ask(
+    image: Annotated[str, typer.Argument(help="Image path or s3:// URI")],
+    question: Annotated[str, typer.Argument(help="Question about the image")],
+    profile: ProfileOption = "tiny",
+):
+    """Answer a question about an image."""
+    result = _run_single({"id": "cli", "tenant": "cli", "task": "vqa", "image": image, "question": question}, profile)
+    typer.echo(result.answer)
+
+
+@models_app.command("build")
+@one_line_errors
+def models_build(
+    profile: Annotated[str, typer.Argument(help="Profile to build")] = "tiny",
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached")] = False,
+):
+    """Build a profile's offline checkpoints (only `tiny` is built; others load from their sources)."""
+    import time
+
+    from factory.model.profiles import TINY_SOURCE, factory_home, get_profile
+    from factory.model.tiny import ensure_tiny
+
+    resolved = get_profile(profile)
+    if TINY_SOURCE not in (resolved.generator.source, resolved.vlm.source):
+        typer.echo(f"{profile}: nothing to build; loads {resolved.generator.source} and {resolved.vlm.source}")
+        return
+    started = time.perf_counter()
+    path = ensure_tiny(factory_home(), force=force)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    typer.echo(f"{path}  {size / 1e6:.1f} MB  {time.perf_counter() - started:.1f} s")
+
+
+@models_app.command("list")
+@one_line_errors
+def models_list():
+    """List the model profiles."""
+    from factory.model.profiles import PROFILES
+
+    for profile in PROFILES.values():
+        typer.echo(f"{profile.name:14} {profile.description}")
+        typer.echo(f"{'':14} generator: {profile.generator.source} ({profile.generator.dtype}, "
+                   f"{profile.generator.steps} steps, {profile.generator.width}x{profile.generator.height})")
+        typer.echo(f"{'':14} vlm:       {profile.vlm.source} ({profile.vlm.dtype})")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m factory`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

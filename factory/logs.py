@@ -1,0 +1,28 @@
+"""structlog setup: key-value lines for people, JSON for machines (FACTORY_LOG_JSON=1)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import structlog
+
+
+def configure_logging(level: str = "info") -> None:
+    numeric = logging.getLevelName(level.upper())
+    numeric = numeric if isinstance(numeric, int) else logging.INFO
+    logging.basicConfig(level=numeric, format="%(message)s")
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if os.environ.get("FACTORY_LOG_JSON") == "1"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+    )

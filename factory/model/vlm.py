@@ -1,0 +1,79 @@
+"""Captions and visual question answering with any `AutoModelForImageTextToText` checkpoint.
+
+One wrapper for every profile: the processor's chat template formats the turn, so a LLaVA-style tiny model
+and a production Qwen2.5-VL go down the same path.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import structlog
+from PIL import Image
+
+from factory.model.profiles import VLMProfile, resolve_device, resolve_dtype
+
+log = structlog.get_logger(__name__)
+
+
+AUTO_MODEL_CLASS = "AutoModelForImageTextToText"
+
+
+def load_options(profile: VLMProfile) -> dict:
+    """Keyword arguments for `AutoModelForImageTextToText.from_pretrained`, for every profile."""
+    return {"revision": profile.revision, "dtype": resolve_dtype(profile.dtype), "use_safetensors": True}
+
+
+class VisionLanguageModel:
+    def __init__(self, model, processor, profile: VLMProfile):
+        self.model = model
+        self.processor = processor
+        self.profile = profile
+        self.device = resolve_device(profile.device)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, profile: VLMProfile) -> VisionLanguageModel:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        started = time.perf_counter()
+        device = resolve_device(profile.device)
+        processor = AutoProcessor.from_pretrained(str(source), revision=profile.revision)
+        # Batched generation with a decoder-only model needs padding on the left.
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(str(source), **load_options(profile)).to(device).eval()
+        log.info("vlm loaded", source=str(source), seconds=round(time.perf_counter() - started, 2))
+        return cls(model, processor, profile)
+
+    def caption(self, images: list[Image.Image], instructions: list[str | None] | None = None) -> list[str]:
+        """One caption per image; `instructions` may refine the default caption prompt per image."""
+        instructions = instructions or [None] * len(images)
+        prompts = [text or self.profile.caption_prompt for text in instructions]
+        return self._chat(images, prompts)
+
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        return self._chat(images, questions)
+
+    def _chat(self, images: list[Image.Image], texts: list[str]) -> list[str]:
+        import torch
+
+        if not images:
+            return []
+        conversations = [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}] for text in texts
+        ]
+        rendered = [
+            self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+            for turn in conversations
+        ]
+        inputs = self.processor(images=images, text=rendered, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **inputs, max_new_tokens=self.profile.max_new_tokens, do_sample=False
+            )
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        texts_out = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [text.strip() for text in texts_out]

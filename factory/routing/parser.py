@@ -1,0 +1,118 @@
+"""Which task a row asks for, and the checks that the task's fields are there.
+
+Rules, in order: an explicit `task` wins; else a prompt starting with "Question:" is VQA and one starting
+with "Describe:" is a caption (both need an image); anything else is text-to-image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from factory.errors import InputError
+from factory.routing.requests import RowInput, Task, TaskRequest
+
+QUESTION_PREFIX = "question:"
+DESCRIBE_PREFIX = "describe:"
+
+# Names people use for the three tasks; the canonical value is what results record.
+TASK_ALIASES: dict[str, Task] = {
+    "generate": Task.GENERATE, "text-to-image": Task.GENERATE, "t2i": Task.GENERATE,
+    "caption": Task.CAPTION, "describe": Task.CAPTION,
+    "vqa": Task.VQA, "question": Task.VQA, "ask": Task.VQA,
+}
+
+
+class RequestError(InputError):
+    """A request that cannot run; `field` names the offending field for rejects tables and HTTP 422s."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class GenerationDefaults(BaseModel):
+    """Values a generation row gets when it leaves them out (job spec first, then the profile)."""
+
+    steps: int
+    width: int
+    height: int
+    guidance: float
+
+
+def first_validation_problem(error: ValidationError) -> RequestError:
+    """pydantic reports every problem; a person needs the first one, with its field named."""
+    problem = error.errors()[0]
+    field = ".".join(str(part) for part in problem["loc"]) or "row"
+    message = problem["msg"].removeprefix("Value error, ")
+    if problem["type"] == "extra_forbidden":
+        message = "unknown field"
+    return RequestError(field, message)
+
+
+def parse_row(raw: dict[str, Any]) -> RowInput:
+    try:
+        return RowInput.model_validate(raw)
+    except ValidationError as error:
+        raise first_validation_problem(error) from None
+
+
+def default_seed(tenant: str, row_id: str) -> int:
+    """A stable seed from the row's identity: re-runs reproduce images without the manifest naming seeds."""
+    digest = hashlib.sha256(f"{tenant}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def _strip_prefix(text: str, prefix: str) -> str:
+    return text[len(prefix):].strip() if text.lower().startswith(prefix) else text
+
+
+def resolve_task(row: RowInput) -> Task:
+    if row.task is not None:
+        try:
+            return TASK_ALIASES[row.task.lower()]
+        except KeyError:
+            raise RequestError("task", f"unknown task {row.task!r} (use generate, caption or vqa)") from None
+    prompt = (row.prompt or "").lower()
+    if prompt.startswith(QUESTION_PREFIX):
+        return Task.VQA
+    if prompt.startswith(DESCRIBE_PREFIX):
+        return Task.CAPTION
+    if row.question is not None:
+        return Task.VQA
+    return Task.GENERATE
+
+
+def parse_request(raw: dict[str, Any] | RowInput, defaults: GenerationDefaults) -> TaskRequest:
+    """Validate one row and resolve it into a TaskRequest, or raise RequestError naming the field."""
+    row = raw if isinstance(raw, RowInput) else parse_row(raw)
+    task = resolve_task(row)
+    common = {"id": row.id, "tenant": row.tenant, "task": task, "region": row.region, "adapter": row.adapter}
+
+    if task is Task.GENERATE:
+        if not row.prompt:
+            raise RequestError("prompt", "required for text-to-image")
+        if row.image is not None:
+            raise RequestError("image", "text-to-image takes no input image")
+        return TaskRequest(
+            **common, prompt=row.prompt,
+            seed=row.seed if row.seed is not None else default_seed(row.tenant, row.id),
+            steps=row.steps or defaults.steps, width=row.width or defaults.width,
+            height=row.height or defaults.height,
+            guidance=row.guidance if row.guidance is not None else defaults.guidance,
+        )
+
+    if not row.image:
+        raise RequestError("image", f"required for {task.value}")
+    if task is Task.VQA:
+        question = row.question or _strip_prefix(row.prompt or "", QUESTION_PREFIX)
+        question = _strip_prefix(question, QUESTION_PREFIX)
+        if not question:
+            raise RequestError("question", "required for vqa (a 'question' field or a 'Question: ...' prompt)")
+        return TaskRequest(**common, prompt=row.prompt, question=question, image=row.image)
+
+    instruction = _strip_prefix(row.prompt or "", DESCRIBE_PREFIX) or None
+    return TaskRequest(**common, prompt=instruction, image=row.image)

@@ -1,0 +1,127 @@
+"""Typed requests and results: the contract between manifests, the HTTP API, the replicas and the sinks.
+
+`RowInput` is what a manifest row or an HTTP body may carry (loose: strings from CSV are coerced).
+`TaskRequest` is a fully resolved unit of work: the task is known, the fields that task needs are present,
+and sizes are checked. `TaskResult` is what a replica returns for one request.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SIDE = 2048
+MIN_SIDE = 16
+MAX_STEPS = 100
+MAX_PROMPT_CHARS = 4000
+
+
+class Task(str, Enum):
+    GENERATE = "generate"
+    CAPTION = "caption"
+    VQA = "vqa"
+
+
+class Status(str, Enum):
+    OK = "ok"
+    BLOCKED = "blocked"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+def _blank_to_none(value: Any) -> Any:
+    # CSV and spreadsheets give "" for a missing cell; treat it as absent, not as a value.
+    if isinstance(value, str) and value.strip() == "":
+        return None
+    return value
+
+
+class RowInput(BaseModel):
+    """One row as a user writes it. Only shape is checked here; `parser.parse_request` resolves the task."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: str = Field(min_length=1, max_length=256, description="Unique id of the row within a job")
+    tenant: str = Field(min_length=1, max_length=128, description="Who the row is for (billing, adapters)")
+    task: str | None = Field(default=None, description="generate | caption | vqa; inferred when absent")
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    question: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    image: str | None = Field(default=None, description="Input image URI (local path, s3://, http(s)://)")
+    region: str | None = Field(default=None, max_length=64)
+    adapter: str | None = Field(default=None, max_length=128)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    guidance: float | None = Field(default=None, ge=0.0, le=30.0)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_cells_are_absent(cls, value: Any) -> Any:
+        return _blank_to_none(value)
+
+    @field_validator("id", "tenant", mode="before")
+    @classmethod
+    def _ids_are_text(cls, value: Any) -> Any:
+        # Integer ids are common in CSV/Parquet; keep them as their decimal text.
+        if isinstance(value, bool):
+            raise ValueError("must be text, not a boolean")
+        if isinstance(value, int):
+            return str(value)
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_16(cls, value: int | None) -> int | None:
+        if value is not None and value % 16:
+            raise ValueError(f"must be a multiple of 16, got {value}")
+        return value
+
+
+class TaskRequest(BaseModel):
+    """A resolved unit of work for one replica call. Built only by `parser.parse_request`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    tenant: str
+    task: Task
+    prompt: str | None = None
+    question: str | None = None
+    image: str | None = None
+    region: str | None = None
+    adapter: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    guidance: float | None = None
+
+
+class TaskResult(BaseModel):
+    """What a replica returns for one request. `image_png` travels to the sink and never into Parquet."""
+
+    id: str
+    tenant: str
+    task: Task
+    status: Status
+    prompt: str | None = None
+    question: str | None = None
+    caption: str | None = None
+    answer: str | None = None
+    image_png: bytes | None = Field(default=None, repr=False)
+    image_uri: str | None = None
+    source_uri: str | None = None
+    adapter: str | None = None
+    adapter_sha256: str | None = None
+    profile: str | None = None
+    model_version: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    guidance: float | None = None
+    latency_ms: float | None = None
+    error: str | None = None

@@ -116,6 +116,52 @@ def ask(
     typer.echo(result.answer)
 
 
+@app.command()
+@one_line_errors
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="Job spec")],
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: key=value")] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Run id (default: the job name); same id resumes")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: $RAY_ADDRESS or local)")] = None,
+):
+    """Run a job: manifests through the replicas to results, exactly once per row."""
+    from factory.jobs.pipeline import run_job
+    from factory.jobs.report import print_summary
+    from factory.jobs.spec import load_spec
+
+    _configure_logging()
+    spec = load_spec(spec_path, overrides or [])
+    summary = run_job(spec, run_id=_checked_run_id(run_id), address=address)
+    print_summary(summary)
+
+
+@app.command()
+@one_line_errors
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="Job spec")],
+    address: Annotated[str, typer.Option(help="Ray dashboard address")] = "http://127.0.0.1:8265",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: key=value")] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Run id (default: the job name)")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends")] = True,
+):
+    """Submit a job to a Ray cluster through its Jobs API (same as `ray job submit ... factory run`)."""
+    from factory.jobs.spec import load_spec
+    from factory.jobs.submit import submit_job
+
+    load_spec(spec_path, overrides or [])  # fail here, not on the cluster, when the spec is wrong
+    status = submit_job(spec_path, address=address, overrides=overrides or [], run_id=_checked_run_id(run_id), wait=wait)
+    if status not in ("SUCCEEDED", "PENDING", "RUNNING"):
+        raise FactoryError(f"job ended {status}")
+
+
+def _checked_run_id(run_id: str | None) -> str | None:
+    from factory.routing.requests import NAME_PATTERN
+
+    if run_id is not None and not NAME_PATTERN.fullmatch(run_id):
+        raise FactoryError(f"--run-id: {run_id!r} must be letters, digits, '.', '_' or '-'")
+    return run_id
+
+
 @models_app.command("build")
 @one_line_errors
 def models_build(

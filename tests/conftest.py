@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The test cluster uses token auth, Ray's default for `ray start`. Clients that join by address present the
+# token only when RAY_AUTH_MODE says so, and Ray reads it when it is first imported: so set it here, first.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 
 @pytest.fixture(scope="session")
 def factory_home(tmp_path_factory) -> Path:
@@ -43,3 +47,58 @@ def sample_images(tmp_path_factory) -> dict[str, Path]:
         Image.fromarray(getattr(data, name)()).save(path)
         paths[name] = path
     return paths
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto's server mode) on loopback for the whole session.
+
+    Its variables go into os.environ before Ray starts, so the Ray cluster's workers inherit them.
+    """
+    from tests.s3server import aws_env, moto_server
+
+    with moto_server() as endpoint:
+        os.environ.update(aws_env(endpoint))
+        yield endpoint
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(factory_home, tiny_path, s3_endpoint):
+    """One local Ray cluster (`ray start --head`, dashboard on loopback) shared by every integration test.
+
+    Started as its own processes rather than inside pytest, so tests can also run drivers in subprocesses
+    (kill and resume) and submit jobs through the Jobs API, exactly as users do.
+    """
+    import subprocess
+    import sys
+
+    import ray
+
+    from factory.jobs.cluster import connect
+
+    bin_dir = Path(sys.executable).parent
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    subprocess.run(
+        [str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--disable-usage-stats"],
+        check=True, capture_output=True,
+    )
+    address = f"127.0.0.1:{gcs_port}"
+    connect(address)
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    subprocess.run([str(bin_dir / "ray"), "stop", "--force"], capture_output=True)

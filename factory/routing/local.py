@@ -17,6 +17,7 @@ def profile_defaults(profile: Profile) -> GenerationDefaults:
 def load_request_image(request: TaskRequest, allow_http: bool = False) -> Image.Image | None:
     if request.image is None:
         return None
-    from factory.jobs.fetch import read_image
+    from factory.jobs.fetch import load_image
+    from factory.jobs.storage import Storage
 
-    return read_image(request.image, allow_http=allow_http)
+    return load_image(request.image, Storage(), allow_http=allow_http)

@@ -7,6 +7,7 @@ and sizes are checked. `TaskResult` is what a replica returns for one request.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Any
 
@@ -16,6 +17,7 @@ MAX_SIDE = 2048
 MIN_SIDE = 16
 MAX_STEPS = 100
 MAX_PROMPT_CHARS = 4000
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class Task(str, Enum):
@@ -70,6 +72,23 @@ class RowInput(BaseModel):
             raise ValueError("must be text, not a boolean")
         if isinstance(value, int):
             return str(value)
+        return value
+
+    @field_validator("tenant", "region", "adapter")
+    @classmethod
+    def _names_not_paths(cls, value: str | None) -> str | None:
+        # These become storage keys and registry lookups: a name, never a path.
+        if value is not None and not NAME_PATTERN.fullmatch(value):
+            raise ValueError("must be a name of letters, digits, '.', '_' or '-' (no '/', no '..')")
+        if value is not None and set(value) == {"."}:
+            raise ValueError("must be a name, not '.' or '..'")
+        return value
+
+    @field_validator("id")
+    @classmethod
+    def _printable_id(cls, value: str) -> str:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("must not contain control characters")
         return value
 
     @field_validator("width", "height")

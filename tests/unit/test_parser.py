@@ -90,3 +90,18 @@ def test_missing_identity_fields(row, field):
     with pytest.raises(RequestError) as raised:
         parse_request(row | {"prompt": "x"}, DEFAULTS)
     assert raised.value.field == field
+
+
+@pytest.mark.parametrize("field", ["tenant", "region", "adapter"])
+@pytest.mark.parametrize("value", ["../other-tenant/x", "/etc/passwd", "a/b", "..", "a b"])
+def test_names_are_never_paths(field, value):
+    row = {"id": "r1", "tenant": "acme", "prompt": "x"} | {field: value}
+    with pytest.raises(RequestError) as raised:
+        parse_request(row, DEFAULTS)
+    assert raised.value.field == field
+
+
+def test_ids_may_hold_slashes_but_not_control_characters():
+    assert parse(id="sku/123", prompt="x").id == "sku/123"
+    with pytest.raises(RequestError, match="control characters"):
+        parse(id="a\nb", prompt="x")

@@ -1,0 +1,58 @@
+"""Starting or joining Ray, and deploying the replicas a job needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`); else start a local one.
+
+    A local Ray binds its dashboard to loopback: anyone who reaches the dashboard or Jobs API can run code.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers must find the same tiny checkpoints and log settings as the driver.
+    env_vars = {key: os.environ[key] for key in ("FACTORY_HOME", "FACTORY_LOG_LEVEL") if key in os.environ}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        ray.init(
+            include_dashboard=False, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+        )
+    context = ray.data.DataContext.get_current()
+    # Ray Data's own bars would fight the job's progress line.
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+def deploy(spec, app_name: str) -> None:
+    """Deploy (or update in place) the replica app for this job's profile and sizing."""
+    from ray import serve
+
+    from factory.routing.replica import ReplicaConfig, build_replica_app
+
+    config = ReplicaConfig(
+        profile=spec.profile, max_batch_size=spec.serve.max_batch_size,
+        batch_wait_timeout_s=spec.serve.batch_wait_timeout_s, threads=max(1, int(spec.serve.num_cpus)),
+    )
+    app = build_replica_app(
+        config, replicas=spec.serve.replicas, num_cpus=spec.serve.num_cpus, num_gpus=spec.serve.num_gpus,
+        max_ongoing_requests=spec.serve.max_ongoing_requests,
+    )
+    serve.start(http_options={"host": "127.0.0.1"})
+    # route_prefix=None: batch jobs talk to replicas through handles only.
+    serve.run(app, name=app_name, route_prefix=None, blocking=False)
+    log.info("replicas ready", app=app_name, replicas=spec.serve.replicas, profile=spec.profile)

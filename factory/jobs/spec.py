@@ -1,0 +1,319 @@
+"""Job specs: a typed YAML file saying what to read, where to write, which profile to run and how hard to push.
+
+Every field has a description, and unknown keys are errors (`extra="forbid"`), so a typo such as
+`serve.replcas` is reported by name instead of silently running with the default. `load_spec` applies
+``--set key=value`` overrides before validation and turns every problem into one `ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import structlog
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from factory.errors import ConfigError
+from factory.routing.requests import MAX_SIDE, MAX_STEPS, MIN_SIDE
+
+log = structlog.get_logger(__name__)
+
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_CONTEXT_SPEC_DIR = "spec_dir"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class Defaults(_Section):
+    """Values for rows that leave them out. A row's own value always wins."""
+
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps for generate rows")
+    width: int | None = Field(
+        default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16, description="Image width in pixels (multiple of 16)"
+    )
+    height: int | None = Field(
+        default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16, description="Image height in pixels (multiple of 16)"
+    )
+    guidance: float | None = Field(default=None, ge=0.0, le=30.0, description="Guidance scale for generate rows")
+
+
+class ServeConfig(_Section):
+    """How the Serve replicas that do the work are deployed."""
+
+    app_name: str = Field(
+        default="factory",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Serve application name; jobs with the same name share (and update) one set of replicas",
+    )
+    replicas: int = Field(default=1, ge=1, description="Number of model replicas (one per GPU or CPU slot)")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per replica (0 on CPU-only clusters)")
+    max_ongoing_requests: int = Field(
+        default=8, ge=1,
+        description="Requests a replica accepts at once; keep low for diffusion, about 2x max_batch_size so "
+        "the next batch is queued while one runs",
+    )
+    max_batch_size: int = Field(default=4, ge=1, description="Most requests a replica runs in one model call")
+    batch_wait_timeout_s: float = Field(
+        default=0.05, ge=0, description="How long a replica waits to fill a batch before running a smaller one"
+    )
+
+
+class ErrorBudget(_Section):
+    """How many failed rows a job tolerates before it stops (a broken model should not burn a whole run)."""
+
+    max_failed: int | None = Field(default=None, ge=0, description="Stop once more rows than this have failed")
+    max_failed_fraction: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Stop once more than this fraction of finished rows have failed"
+    )
+    min_rows: int = Field(
+        default=20,
+        ge=1,
+        description="Finished rows needed before the fraction is judged (one early failure is not 100 %)",
+    )
+
+    def exceeded(self, failed: int, finished: int) -> bool:
+        """True once `failed` of `finished` rows is over budget."""
+        if self.max_failed is not None and failed > self.max_failed:
+            return True
+        return finished >= self.min_rows and failed > self.max_failed_fraction * finished
+
+
+def _input_from_spec_dir(value: str, info: ValidationInfo) -> str:
+    # Per item, so an error names inputs[i] rather than the whole list.
+    return _resolve_location(value, _spec_dir(info))
+
+
+class CommitConfig(_Section):
+    """Rows are committed in whole Parquet files; smaller, more frequent files lose less work to a crash."""
+
+    rows: int = Field(default=256, ge=1, description="Commit once this many rows are waiting")
+    seconds: float = Field(default=5.0, gt=0, description="Commit at least this often while rows are waiting")
+
+
+class JobSpec(_Section):
+    """One batch job: manifests in, images / captions / answers and a rejects table out."""
+
+    name: str = Field(description="Job name (a slug: lowercase letters, digits, '-', '_'); names the run")
+    inputs: list[Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)]] = Field(
+        min_length=1,
+        description="Manifest files, folders, local globs or s3:// prefixes; relative paths are relative to "
+        "the spec file's folder",
+    )
+    output: str = Field(
+        min_length=1, description="Output folder or s3:// prefix; a relative path is relative to the working directory"
+    )
+    profile: str = Field(default="tiny", min_length=1, description="Model profile to load (see factory.model.profiles)")
+    defaults: Defaults = Field(default_factory=Defaults, description="Values for rows that leave them out")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serve deployment of the model replicas")
+    in_flight: int = Field(default=8, ge=1, description="Most requests the pipeline keeps in flight to the replicas")
+    batch_size: int = Field(default=8, ge=1, description="Rows per Ray Data batch")
+    callers: int = Field(
+        default=1, ge=1, description="Ray Data actors calling the replicas; each keeps up to in_flight requests going"
+    )
+    error_budget: ErrorBudget = Field(
+        default_factory=ErrorBudget, description="Failures tolerated before the job stops"
+    )
+    row_timeout_s: float = Field(
+        default=600.0, gt=0, description="A row whose replica call takes longer is failed (and counts against "
+        "the error budget)"
+    )
+    commit: CommitConfig = Field(
+        default_factory=CommitConfig, description="How often finished rows are committed to results"
+    )
+    allow_http: bool = Field(
+        default=False,
+        description="Allow http(s):// image inputs (public addresses only); off because rows come from users",
+    )
+    tenants: str | None = Field(
+        default=None, description="Tenants registry YAML; a relative path is relative to the spec file's folder"
+    )
+    safety: dict[str, Any] | None = Field(default=None, description="Safety policy settings (typed later)")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _SLUG.match(value):
+            raise ValueError(
+                f"must be a slug (lowercase letters, digits, '-' and '_', at most 64), got {value!r}"
+            )
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_from_cwd(cls, value: str) -> str:
+        # Made absolute now: Ray workers do not share the driver's working directory.
+        return _resolve_location(value, os.getcwd())
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants_from_spec_dir(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _resolve_location(value, _spec_dir(info))
+
+
+def _spec_dir(info: ValidationInfo) -> str:
+    context = info.context or {}
+    return str(context.get(_CONTEXT_SPEC_DIR) or os.getcwd())
+
+
+def _resolve_location(uri: str, base: str) -> str:
+    if uri.startswith("s3://"):
+        if len(uri) <= len("s3://") + 2:
+            raise ValueError(f"not a valid s3://bucket/prefix URI: {uri!r}")
+        return uri
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise ValueError(f"must be a local path or an s3:// URI, got {uri!r}")
+    path = os.path.expanduser(uri)
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+
+
+def load_spec(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> JobSpec:
+    """Read a YAML job spec, apply ``key.sub=value`` overrides, validate. Any problem is one `ConfigError` line."""
+    spec_path = Path(path)
+    overrides = list(overrides)
+    try:
+        text = spec_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{spec_path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{spec_path}: is a directory, not a spec file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{spec_path}: cannot read: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{spec_path}: invalid YAML{_yaml_where(exc)}") from exc
+    if data is None:
+        raise ConfigError(f"{spec_path}: empty spec")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{spec_path}: expected key: value pairs at the top level, got {type(data).__name__}")
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        spec = JobSpec.model_validate(data, context={_CONTEXT_SPEC_DIR: os.path.abspath(spec_path.parent)})
+    except ValidationError as exc:
+        raise ConfigError(f"{spec_path}: {format_validation_error(exc, JobSpec)}") from exc
+    log.debug("spec.loaded", path=str(spec_path), name=spec.name, overrides=list(overrides))
+    return spec
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set ``a.b=value`` in `data` (value parsed as YAML). The key must exist in `JobSpec`."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected key=value")
+    parts = key.split(".")
+    _check_key(parts)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value is not valid YAML{_yaml_where(exc)}") from exc
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section in the spec")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_key(parts: list[str]) -> None:
+    model: type[BaseModel] | None = JobSpec
+    for i, part in enumerate(parts):
+        if model is None:
+            return  # below a free-form dict section: any key is allowed
+        dotted = ".".join(parts[: i + 1])
+        field = model.model_fields.get(part)
+        if field is None:
+            full = ".".join(parts)
+            named = "" if dotted == full else f" {dotted}"
+            raise ConfigError(f"--set {full}: unknown key{named}{_suggest(part, model, parts[:i])}")
+        sub, free = _section_of(field.annotation)
+        if i < len(parts) - 1 and sub is None and not free:
+            raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is a value, not a section")
+        model = sub
+
+
+def _section_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the model a field holds, or None; whether it is a free-form dict)."""
+    candidates = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for arg in candidates:
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg, False
+    free = any(typing.get_origin(arg) is dict or arg is dict for arg in candidates)
+    return None, free
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if model is None or not isinstance(part, str):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _section_of(field.annotation)[0]
+    return model
+
+
+def _suggest(key: str, model: type[BaseModel] | None, parents: Iterable[Any] = ()) -> str:
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    if not close:
+        return ""
+    prefix = "".join(f"{p}." for p in parents if isinstance(p, str))
+    return f" (did you mean {prefix}{close[0]}?)"
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(spec)"
+
+
+def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
+    """One line naming each failing dotted key and why, e.g. ``serve.replicas: Input should be ...``."""
+    messages = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            reason = "unknown key" + _suggest(str(loc[-1]), _model_at(root, loc[:-1]), loc[:-1])
+        elif kind == "missing":
+            reason = "required"
+        elif kind == "value_error":
+            reason = str(err["msg"]).removeprefix("Value error, ")
+        else:
+            reason = str(err["msg"])
+        messages.append(f"{_dotted(loc)}: {reason}")
+    shown = "; ".join(messages[:3])
+    if len(messages) > 3:
+        shown += f" (and {len(messages) - 3} more)"
+    return shown
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}" if problem else where

@@ -1,0 +1,413 @@
+"""One filesystem layer for local paths and ``s3://bucket/key`` URIs.
+
+Everything the jobs read or write goes through `Storage`, so S3 costs nothing extra anywhere else
+(the img2dataset habit). A `Storage` is shipped to Ray workers: it carries only its settings and builds
+its boto3 client and pyarrow filesystem lazily, on the side that uses them.
+
+Every failure a person can act on is an `InputError` whose one line names the URI and the reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import mimetypes
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from factory.errors import InputError
+
+S3_SCHEME = "s3://"
+FILE_SCHEME = "file://"
+DEFAULT_REGION = "us-east-1"
+
+# S3 error codes, grouped by what a person should do about them.
+_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED = frozenset(
+    {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+)
+_PRECONDITION_FAILED = frozenset({"PreconditionFailed", "412"})
+# What link() says on filesystems without hard links (some FUSE and network mounts).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK})
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def is_remote(uri: str) -> bool:
+    """True for any URI with a scheme other than file:// (s3, http, ...)."""
+    return "://" in uri and not uri.startswith(FILE_SCHEME)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; the key may be empty."""
+    rest = uri[len(S3_SCHEME) :]
+    bucket, _, key = rest.partition("/")
+    if len(bucket) < 3 or "?" in bucket or "#" in bucket:
+        raise InputError(f"{uri}: not a valid s3://bucket/key URI")
+    return bucket, key
+
+
+def local_path(uri: str) -> str:
+    """The absolute local path for a plain path or a ``file://`` URI."""
+    if uri.startswith(FILE_SCHEME):
+        uri = uri[len(FILE_SCHEME) :]
+    elif is_remote(uri):
+        raise InputError(f"{uri}: not a local path")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI with '/'.
+
+    Parts often come from row ids and tenant names, so a part that would climb out of `base`
+    ('..', an absolute path) is refused rather than trusted.
+    """
+    segments: list[str] = []
+    for part in parts:
+        text = str(part).replace("\\", "/")
+        pieces = [s for s in text.split("/") if s not in ("", ".")]
+        if ".." in pieces or text.startswith("/"):
+            raise InputError(f"{part!r}: path part would leave {base}")
+        segments.extend(pieces)
+    if not segments:
+        return base
+    return base.rstrip("/") + "/" + "/".join(segments)
+
+
+def _s3_error(uri: str, exc: Exception) -> InputError:
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        if code == "NoSuchBucket":
+            return InputError(f"{uri}: no such bucket")
+        if code in _NOT_FOUND:
+            return InputError(f"{uri}: no such file")
+        if code in _DENIED:
+            return InputError(f"{uri}: access denied ({code})")
+        message = str(err.get("Message", "")).replace("\n", " ")
+        return InputError(f"{uri}: S3 error {code}: {message}".rstrip(": "))
+    # botocore's own errors (no credentials, endpoint unreachable, read timeouts) already read as one line.
+    return InputError(f"{uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def _local_error(uri: str, exc: OSError) -> InputError:
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"{uri}: no such file")
+    if isinstance(exc, PermissionError):
+        return InputError(f"{uri}: access denied")
+    if isinstance(exc, IsADirectoryError):
+        return InputError(f"{uri}: is a directory")
+    if isinstance(exc, NotADirectoryError):
+        return InputError(f"{uri}: a parent is not a directory")
+    return InputError(f"{uri}: {exc.strerror or exc}")
+
+
+def _env_endpoint() -> str | None:
+    # Same precedence as boto3: the service-specific variable wins over the global one.
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _env_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+class Storage:
+    """Reads, writes and lists local paths and s3:// URIs.
+
+    Settings are taken from the environment when the object is built (on the driver) and travel with it,
+    so workers talk to the same endpoint even if their environment differs. Credentials are not captured:
+    each side finds its own through the usual AWS chain (env vars, profile, instance role).
+    """
+
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None) -> None:
+        self.endpoint_url = endpoint_url if endpoint_url is not None else _env_endpoint()
+        self.region = region or _env_region()
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        self._lock = threading.Lock()
+        self._s3_client: Any = None
+        self._arrow_s3: Any = None
+
+    # Clients hold sockets and locks: drop them when pickled, rebuild them on first use on the other side.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"endpoint_url": self.endpoint_url, "region": self.region}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.endpoint_url = state["endpoint_url"]
+        self.region = state["region"]
+        self._init_cache()
+
+    def __repr__(self) -> str:
+        return f"Storage(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+    # ---- clients -------------------------------------------------------------------------------------
+
+    @property
+    def s3(self) -> Any:
+        """The boto3 S3 client (thread-safe once built)."""
+        if self._s3_client is None:
+            with self._lock:
+                if self._s3_client is None:
+                    import boto3
+                    from botocore.config import Config
+
+                    # A session of our own: boto3's default session is shared and not thread-safe.
+                    session = boto3.session.Session()
+                    self._s3_client = session.client(
+                        "s3",
+                        endpoint_url=self.endpoint_url,
+                        region_name=self.region,
+                        config=Config(max_pool_connections=32, retries={"mode": "standard"}),
+                    )
+        return self._s3_client
+
+    def _arrow_s3_fs(self) -> Any:
+        if self._arrow_s3 is None:
+            with self._lock:
+                if self._arrow_s3 is None:
+                    from pyarrow import fs as pafs
+
+                    kwargs: dict[str, Any] = {"region": self.region}
+                    if self.endpoint_url:
+                        # pyarrow's S3FileSystem does not reliably honour AWS_ENDPOINT_URL: say it explicitly.
+                        parts = urlsplit(self.endpoint_url)
+                        kwargs["endpoint_override"] = parts.netloc or parts.path
+                        kwargs["scheme"] = parts.scheme or "https"
+                    self._arrow_s3 = pafs.S3FileSystem(**kwargs)
+        return self._arrow_s3
+
+    def arrow_filesystem(self, uri: str) -> tuple[Any, str]:
+        """(pyarrow FileSystem, path within it) for pyarrow reads and writes (Parquet, datasets)."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            return self._arrow_s3_fs(), f"{bucket}/{key}".rstrip("/")
+        from pyarrow import fs as pafs
+
+        return pafs.LocalFileSystem(), local_path(uri)
+
+    # ---- reads ---------------------------------------------------------------------------------------
+
+    def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The whole object. With `max_bytes`, a larger object is refused without reading all of it."""
+        with self.open_read(uri) as stream:
+            data = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise InputError(f"{uri}: larger than the {max_bytes} byte limit")
+        return data
+
+    def open_read(self, uri: str) -> IO[bytes]:
+        """A buffered binary stream (iterable by lines) that reads the object lazily."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
+            except Exception as exc:  # noqa: BLE001 - every boto failure becomes one line
+                raise _s3_error(uri, exc) from exc
+            # botocore's StreamingBody iterates in fixed chunks, not lines; a BufferedReader gives
+            # readline/iteration and read(n) on top of its readinto.
+            return io.BufferedReader(body, buffer_size=1 << 20)  # type: ignore[arg-type]
+        path = local_path(uri)
+        if os.path.isdir(path):
+            raise InputError(f"{uri}: is a directory")
+        try:
+            return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
+        except OSError as exc:
+            raise _local_error(uri, exc) from exc
+
+    def exists(self, uri: str) -> bool:
+        """True when a file (an S3 object, not a prefix) is at `uri`."""
+        if not is_s3(uri):
+            return os.path.isfile(local_path(uri))
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        if not key:
+            return False
+        try:
+            self.s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND:
+                return False
+            raise _s3_error(uri, exc) from exc
+        except Exception as exc:  # noqa: BLE001
+            raise _s3_error(uri, exc) from exc
+        return True
+
+    def is_dir(self, uri: str) -> bool:
+        """True for a local directory, or an S3 prefix with at least one object under it."""
+        if not is_s3(uri):
+            return os.path.isdir(local_path(uri))
+        return next(iter(self.list_files(uri)), None) is not None
+
+    def list_files(self, prefix_uri: str, suffixes: Iterable[str] | None = None) -> Iterator[str]:
+        """Files under a directory / S3 prefix, recursively, in sorted (byte) order, lazily.
+
+        `prefix_uri` names a folder: ``s3://b/data`` lists ``data/...``, not ``data.csv``. A folder or prefix
+        that does not exist lists as empty, on both sides.
+        `suffixes` (case-insensitive, e.g. ``(".jsonl", ".csv.gz")``) keeps only matching names.
+        """
+        wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+
+        def keep(name: str) -> bool:
+            return wanted is None or name.lower().endswith(wanted)
+
+        if is_s3(prefix_uri):
+            yield from self._list_s3(prefix_uri, keep)
+        else:
+            root = local_path(prefix_uri)
+            # Like an S3 prefix with nothing under it: a folder not written yet lists as empty.
+            if os.path.isdir(root):
+                yield from _walk_sorted(root, keep)
+
+    def _list_s3(self, prefix_uri: str, keep: Any) -> Iterator[str]:
+        bucket, prefix = split_s3(prefix_uri)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        try:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"]
+                    # Keys ending in '/' are folder markers made by consoles, not files.
+                    if not key.endswith("/") and keep(key):
+                        yield f"{S3_SCHEME}{bucket}/{key}"
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, InputError):
+                raise
+            raise _s3_error(prefix_uri, exc) from exc
+
+    # ---- writes --------------------------------------------------------------------------------------
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write atomically: readers see the old object or the whole new one, never a part."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                self.s3.put_object(Bucket=bucket, Key=key, Body=data, **_content_type(key))
+            except Exception as exc:  # noqa: BLE001
+                raise _s3_error(uri, exc) from exc
+            return
+        path = local_path(uri)
+        try:
+            tmp = _write_temp(path, data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _local_error(uri, exc) from exc
+
+    def put_if_absent(self, uri: str, data: bytes) -> bool:
+        """Write only if nothing is there yet. True if this call wrote it, False if something already was.
+
+        This is what makes concurrent or repeated runs safe: exactly one writer wins and the first body stays.
+        """
+        if is_s3(uri):
+            from botocore.exceptions import ClientError
+
+            bucket, key = split_s3(uri)
+            try:
+                self.s3.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", **_content_type(key))
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) in _PRECONDITION_FAILED:
+                    return False
+                raise _s3_error(uri, exc) from exc
+            except Exception as exc:  # noqa: BLE001
+                raise _s3_error(uri, exc) from exc
+            return True
+        path = local_path(uri)
+        try:
+            tmp = _write_temp(path, data)
+        except OSError as exc:
+            raise _local_error(uri, exc) from exc
+        try:
+            # link() fails if the target exists and publishes a complete file in one step, which
+            # O_EXCL alone would not (a reader could see the file half-written).
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise _local_error(uri, exc) from exc
+            return _put_exclusive(uri, path, data)
+        finally:
+            _unlink_quietly(tmp)
+
+    def delete(self, uri: str) -> None:
+        """Remove a file; removing one that is not there is not an error (as on S3)."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                self.s3.delete_object(Bucket=bucket, Key=key)
+            except Exception as exc:  # noqa: BLE001
+                raise _s3_error(uri, exc) from exc
+            return
+        try:
+            os.remove(local_path(uri))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _local_error(uri, exc) from exc
+
+    join = staticmethod(join)
+
+
+def _content_type(key: str) -> dict[str, str]:
+    # So images open in a browser from a console or presigned link instead of downloading as octet-stream.
+    kind, _ = mimetypes.guess_type(key)
+    return {"ContentType": kind} if kind else {}
+
+
+def _walk_sorted(root: str, keep: Any) -> Iterator[str]:
+    # Sorting each folder's entries by name, with '/' appended to folders, makes this depth-first walk
+    # yield full paths in plain string order -- the same order S3 lists keys in -- without collecting them.
+    try:
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=True) else e.name)
+    except OSError as exc:
+        raise _local_error(root, exc) from exc
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=True):
+            yield from _walk_sorted(entry.path, keep)
+        elif entry.is_file(follow_symlinks=True) and keep(entry.name):
+            yield entry.path
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    """Write `data` to a hidden temp file beside `path` (same filesystem, so rename/link is atomic)."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _put_exclusive(uri: str, path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise _local_error(uri, exc) from exc
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -1,0 +1,177 @@
+"""Make random-but-valid LoRA adapters for a profile's transformer (tests, benchmarks, demos).
+
+peft builds the LoRA layout (`LoraConfig` + `get_peft_model_state_dict`) on a meta-device copy of the
+transformer -- only module names and shapes matter, so no weights are read or copied. The weights are then
+drawn from one seeded generator: peft's default init leaves B at zero, which would change nothing.
+
+Formats:
+- `diffusers`: written by `FluxPipeline.save_lora_weights(..., safe_serialization=True)` with the `LoraConfig`
+  in the header, exactly as diffusers' training scripts write it.
+- `kohya`: `lora_down` / `lora_up` / `alpha` keys named after the module path with '_' in place of '.', under
+  the `lora_transformer_` prefix. diffusers' FLUX converter reads that prefix on diffusers module paths (the
+  layout OneTrainer writes); `lora_unet_` on FLUX is read only with the original BFL module names and fused
+  qkv (sd-scripts), whose single-block split is hard-coded to FLUX.1's sizes. The result is checked by
+  converting it back with `FluxPipeline.lora_state_dict` before it is written.
+
+Same arguments, same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import structlog
+
+if TYPE_CHECKING:
+    import torch
+
+log = structlog.get_logger(__name__)
+
+LoraFormat = Literal["diffusers", "kohya"]
+FORMATS: tuple[str, ...] = ("diffusers", "kohya")
+# Attention projections of FLUX's double blocks (image and text streams) and single blocks.
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# Spectral size of the random delta relative to a unit-gain layer: visible in images, far from unstable.
+DEFAULT_STRENGTH = 0.25
+KOHYA_PREFIX = "lora_transformer_"
+_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def _meta_copy(transformer: Any) -> Any:
+    import torch
+
+    with torch.device("meta"):
+        return type(transformer).from_config(transformer.config)
+
+
+def attention_targets(transformer: Any) -> list[str]:
+    """The attention projections this transformer has (`add_*` only exist in double blocks)."""
+    import torch
+
+    names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [t for t in ATTENTION_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+
+
+def lora_layout(transformer: Any, *, rank: int, alpha: float, target_modules: list[str] | None = None):
+    """(peft LoraConfig, {peft key: shape}) for `transformer`, computed on a meta-device copy."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    skeleton = _meta_copy(transformer)
+    targets = sorted(target_modules or attention_targets(skeleton))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    skeleton = inject_adapter_in_model(config, skeleton, adapter_name="default")
+    shapes = {key: tuple(t.shape) for key, t in get_peft_model_state_dict(skeleton, adapter_name="default").items()}
+    if not shapes:
+        raise ValueError(f"no Linear layer of this transformer matches target_modules {targets}")
+    return config, shapes
+
+
+def random_lora_weights(
+    shapes: dict[str, tuple[int, ...]], *, rank: int, alpha: float, seed: int, strength: float = DEFAULT_STRENGTH,
+    dtype: str = "float32",
+) -> dict[str, torch.Tensor]:
+    """A ~ N(0, 1/in), B ~ N(0, (strength * sqrt(rank) / alpha)^2).
+
+    Then the applied delta (alpha / rank) * B @ A has entries of variance strength^2 / in, i.e. about the same
+    relative effect for any rank, alpha or layer width.
+    """
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    b_std = strength * rank**0.5 / alpha
+    weights: dict[str, torch.Tensor] = {}
+    for key in sorted(shapes):  # a fixed order: the same seed gives the same tensors
+        shape = shapes[key]
+        std = shape[1] ** -0.5 if ".lora_A." in key else b_std
+        weights[key] = (torch.randn(shape, generator=generator) * std).to(getattr(torch, dtype)).contiguous()
+    return weights
+
+
+def to_kohya(weights: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    import torch
+
+    kohya: dict[str, torch.Tensor] = {}
+    for key, tensor in weights.items():
+        module, _, rest = key.partition(".lora_")
+        name = KOHYA_PREFIX + module.replace(".", "_")
+        if rest.startswith("A."):
+            kohya[f"{name}.lora_down.weight"] = tensor
+            kohya[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        else:
+            kohya[f"{name}.lora_up.weight"] = tensor
+    return kohya
+
+
+def _check_kohya_round_trip(kohya: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    from diffusers import FluxPipeline
+
+    converted = FluxPipeline.lora_state_dict(dict(kohya))
+    expected = {f"transformer.{key}" for key in weights}
+    if set(converted) != expected:
+        missing = sorted(expected - set(converted))[:3]
+        raise ValueError(f"these layers have no kohya name diffusers reads back: {missing}")
+
+
+def _write_atomically(out: Path, write) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".lora-") as staging:
+        write(Path(staging))
+        os.replace(Path(staging) / out.name, out)
+
+
+def create_lora(
+    out_path: str | Path, *, transformer: Any, rank: int = 8, alpha: float = 16, seed: int = 0,
+    format: LoraFormat = "diffusers", target_modules: list[str] | None = None, strength: float = DEFAULT_STRENGTH,
+    dtype: str = "float32",
+) -> Path:
+    """Write a random-init LoRA for `transformer` (real or meta-device) to `out_path` (a .safetensors file)."""
+    import safetensors.torch
+    from diffusers import FluxPipeline
+
+    out = Path(out_path)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the adapter file name must end in .safetensors")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if rank < 1 or alpha <= 0 or strength <= 0 or dtype not in _DTYPES:
+        raise ValueError("rank >= 1, alpha > 0, strength > 0 and a float dtype are required")
+    config, shapes = lora_layout(transformer, rank=rank, alpha=alpha, target_modules=target_modules)
+    weights = random_lora_weights(shapes, rank=rank, alpha=alpha, seed=seed, strength=strength, dtype=dtype)
+    if format == "diffusers":
+        metadata = config.to_dict()
+        # Sets serialise in hash order, which changes between processes: sort them so bytes are reproducible.
+        metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
+        _write_atomically(out, lambda folder: FluxPipeline.save_lora_weights(
+            folder, transformer_lora_layers=weights, weight_name=out.name, safe_serialization=True,
+            transformer_lora_adapter_metadata=metadata,
+        ))
+    else:
+        kohya = to_kohya(weights, alpha)
+        _check_kohya_round_trip(kohya, weights)
+        header = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                  "ss_network_alpha": str(float(alpha))}
+        _write_atomically(out, lambda folder: safetensors.torch.save_file(kohya, folder / out.name, metadata=header))
+    log.info("adapter created", path=str(out), format=format, rank=rank, alpha=alpha, seed=seed, layers=len(shapes) // 2)
+    return out
+
+
+def create_lora_for_profile(
+    out: str | Path, profile_name: str, rank: int = 8, alpha: float = 16, seed: int = 0,
+    format: LoraFormat = "diffusers",
+) -> Path:
+    """For the CLI: an adapter that fits `profile_name`'s transformer. Reads the transformer's config only."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from factory.model.profiles import get_profile
+    from factory.model.stack import resolve_sources
+
+    profile = get_profile(profile_name)
+    source, _, _ = resolve_sources(profile)
+    config = FluxTransformer2DModel.load_config(source, subfolder="transformer", revision=profile.generator.revision)
+    with torch.device("meta"):
+        skeleton = FluxTransformer2DModel.from_config(config)
+    return create_lora(out, transformer=skeleton, rank=rank, alpha=alpha, seed=seed, format=format)

@@ -1,0 +1,262 @@
+"""A bounded, thread-safe pool of LoRA adapters on one FluxPipeline, with exactly one active per batch.
+
+diffusers applies the active adapter set to every sample of a call, so a batch runs with one adapter (or none,
+for base rows): `with pool.use(ref): pipe(...)` holds the pool's lock for the whole call so another thread cannot
+switch adapters under it. `ensure_loaded` / `activate` are plain (non-async) methods for Serve's
+`@serve.multiplexed` loader and the replica's batch handler.
+
+Bounds: `set_adapters` slows down as more adapters are loaded (diffusers issue 11816) and every adapter holds
+memory, so the pool keeps at most `max_adapters` adapters and `max_bytes` of LoRA weights, evicting the least
+recently used with `delete_adapters`.
+
+Hot-swap mode (`hotswap_rank=R`, for a `torch.compile`d transformer): `enable_lora_hotswap(target_rank=R)` runs
+before the first load, adapters live in fixed slots (`slot0`..), and a new adapter replaces an evicted one's
+weights in place (`load_lora_weights(..., hotswap=True)`) so the compiled graph is reused. peft requires a
+swapped-in adapter to target the slot's layers or a subset, with rank <= R, transformer only; the pool checks
+that before touching the slot. Use `max_adapters=1` with a compiled transformer: switching between slots
+changes which weights the graph reads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from factory.errors import ModelError
+from factory.model.lora.ref import AdapterRef
+from factory.model.lora.safe_load import (
+    AdapterError, ByteSource, LoadLimits, PreparedAdapter, load_prepared, loaded_adapter_names, prepare_adapter,
+    read_adapter,
+)
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAX_ADAPTERS = 4
+DEFAULT_MAX_BYTES = 2 * 1024**3
+_UNKNOWN = object()  # the pipe's adapter state after a load or delete: diffusers may have changed it
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """What a caller records about the adapter a batch ran with."""
+
+    key: str
+    adapter_name: str  # diffusers' name (the slot name in hot-swap mode)
+    sha256: str
+    scale: float
+    rank: int
+    tensor_bytes: int
+
+
+@dataclass
+class _Entry:
+    ref: AdapterRef
+    name: str
+    sha256: str
+    rank: int
+    tensor_bytes: int
+
+    def view(self) -> LoadedAdapter:
+        return LoadedAdapter(self.ref.key, self.name, self.sha256, self.ref.scale, self.rank, self.tensor_bytes)
+
+
+class LoraPool:
+    def __init__(
+        self, pipe: Any, *, max_adapters: int = DEFAULT_MAX_ADAPTERS, max_bytes: int = DEFAULT_MAX_BYTES,
+        storage: ByteSource | None = None, limits: LoadLimits | None = None, hotswap_rank: int | None = None,
+    ) -> None:
+        if max_adapters < 1 or max_bytes < 1:
+            raise ValueError("max_adapters and max_bytes must be at least 1")
+        self.pipe = pipe
+        self.max_adapters = max_adapters
+        self.max_bytes = max_bytes
+        self.storage = storage
+        self.limits = limits or LoadLimits()
+        self.hotswap_rank = hotswap_rank
+        self._lock = threading.RLock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._active: Any = _UNKNOWN  # (key, scale), None for the base model, or _UNKNOWN
+        # Hot-swap mode: the layers each slot was first loaded with; peft fixes them for the slot's lifetime.
+        self._slot_layers: dict[str, dict[str, frozenset[str]]] = {}
+        self._counters: dict[str, float] = dict.fromkeys(
+            ("hits", "misses", "evictions", "loads", "load_failures", "switches", "load_ms_total",
+             "load_ms_last", "switch_ms_total", "switch_ms_last"), 0
+        )
+        if hotswap_rank is not None:
+            if hotswap_rank < 1:
+                raise ValueError("hotswap_rank must be at least 1")
+            if loaded_adapter_names(pipe):
+                raise ModelError("LoRA hot-swap must be enabled before the pipeline's first adapter is loaded")
+            # Pads every slot to this rank and turns scalings into tensors, so later swaps fit the compiled graph.
+            pipe.enable_lora_hotswap(target_rank=hotswap_rank)
+
+    # ---- public API ----------------------------------------------------------------------------------
+
+    def ensure_loaded(self, ref: AdapterRef) -> LoadedAdapter:
+        """Load `ref` if it is not loaded (evicting as needed); mark it most recently used."""
+        with self._lock:
+            entry = self._entries.get(ref.key)
+            if entry is not None and entry.ref.same_weights(ref):
+                self._counters["hits"] += 1
+                self._entries.move_to_end(ref.key)
+                entry.ref = ref  # a new scale needs no reload; activate() applies it
+                return entry.view()
+            if entry is not None:
+                # Same key, different file (the registry changed): the old weights must not serve it.
+                self._evict(ref.key)
+            self._counters["misses"] += 1
+            try:
+                return self._load(ref).view()
+            except AdapterError:
+                self._counters["load_failures"] += 1
+                raise
+
+    def activate(self, ref: AdapterRef | None) -> LoadedAdapter | None:
+        """Make `ref` the only active adapter, or (None) run the base model with every adapter disabled."""
+        with self._lock:
+            if ref is None:
+                if self._active is not None:
+                    started = time.perf_counter()
+                    if loaded_adapter_names(self.pipe):
+                        self.pipe.disable_lora()
+                    self._active = None
+                    self._record_switch(started)
+                return None
+            loaded = self.ensure_loaded(ref)
+            if self._active != (ref.key, ref.scale):
+                started = time.perf_counter()
+                self.pipe.enable_lora()
+                self.pipe.set_adapters([loaded.adapter_name], adapter_weights=[ref.scale])
+                self._active = (ref.key, ref.scale)
+                self._record_switch(started)
+            return loaded
+
+    @contextmanager
+    def use(self, ref: AdapterRef | None) -> Iterator[LoadedAdapter | None]:
+        """`with pool.use(ref): pipe(...)`: the adapter stays active, and alone, for the whole block."""
+        with self._lock:
+            yield self.activate(ref)
+
+    def evict(self, key: str) -> bool:
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._evict(key)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in list(self._entries):
+                self._evict(key)
+
+    @property
+    def loaded_keys(self) -> list[str]:
+        """Loaded adapter keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counters = {k: (round(v, 3) if k.endswith("_ms_total") or k.endswith("_ms_last") else int(v))
+                        for k, v in self._counters.items()}
+            return counters | {
+                "loaded": len(self._entries), "bytes": sum(e.tensor_bytes for e in self._entries.values()),
+                "max_adapters": self.max_adapters, "max_bytes": self.max_bytes,
+                "hotswap": self.hotswap_rank is not None,
+                "active": None if self._active in (None, _UNKNOWN) else self._active[0],
+            }
+
+    # ---- loading and eviction --------------------------------------------------------------------------
+
+    def _load(self, ref: AdapterRef) -> _Entry:
+        # Every check runs before anything is evicted or loaded: a refused file leaves the pipe as it was.
+        adapter = read_adapter(ref.uri, source=self.storage, sha256=ref.sha256, limits=self.limits)
+        prepared = prepare_adapter(adapter, self.pipe)
+        if prepared.tensor_bytes > self.max_bytes:
+            raise AdapterError(f"{ref.uri}: {prepared.tensor_bytes} bytes of LoRA weights exceed the pool's "
+                               f"{self.max_bytes} byte budget")
+        if self.hotswap_rank is None:
+            name, hotswap = ref.adapter_name, False
+            self._make_room(prepared.tensor_bytes)
+        else:
+            name, hotswap = self._pick_slot(ref, prepared)
+        self._active = _UNKNOWN
+        try:
+            elapsed_ms = load_prepared(self.pipe, prepared, name, hotswap=hotswap)
+        except AdapterError:
+            if hotswap or name not in loaded_adapter_names(self.pipe):
+                # diffusers drops a slot whose swap failed; its layers are no longer fixed.
+                self._slot_layers.pop(name, None)
+            raise
+        if self.hotswap_rank is not None and not hotswap:
+            self._slot_layers[name] = _layers(prepared)
+        entry = _Entry(ref, name, prepared.sha256, prepared.max_rank, prepared.tensor_bytes)
+        self._entries[ref.key] = entry
+        self._counters["loads"] += 1
+        self._counters["load_ms_last"] = elapsed_ms
+        self._counters["load_ms_total"] += elapsed_ms
+        return entry
+
+    def _make_room(self, incoming_bytes: int) -> None:
+        while self._entries and (
+            len(self._entries) >= self.max_adapters
+            or sum(e.tensor_bytes for e in self._entries.values()) + incoming_bytes > self.max_bytes
+        ):
+            self._evict(next(iter(self._entries)))
+
+    def _pick_slot(self, ref: AdapterRef, prepared: PreparedAdapter) -> tuple[str, bool]:
+        """Hot-swap mode: a never-used slot (plain load) or a compatible slot to swap into (evicting its owner)."""
+        assert self.hotswap_rank is not None
+        if prepared.max_rank > self.hotswap_rank:
+            raise AdapterError(f"{ref.uri}: rank {prepared.max_rank} exceeds the pool's hot-swap rank "
+                               f"{self.hotswap_rank}")
+        if prepared.modules("text_encoder"):
+            raise AdapterError(f"{ref.uri}: text-encoder LoRA layers cannot be hot-swapped")
+        slots = [f"slot{i}" for i in range(self.max_adapters)]
+        owners = {entry.name: key for key, entry in self._entries.items()}
+        needed = _layers(prepared)
+        fits = [s for s in slots if s in self._slot_layers and _covers(self._slot_layers[s], needed)]
+        free_fits = [s for s in fits if s not in owners]
+        if free_fits:
+            return free_fits[0], True
+        unused = [s for s in slots if s not in self._slot_layers]
+        if unused:
+            return unused[0], False
+        # Least recently used owner first, as in the plain pool.
+        for key, entry in list(self._entries.items()):
+            if entry.name in fits:
+                self._evict(key)
+                return entry.name, True
+        raise AdapterError(f"{ref.uri}: targets layers no hot-swap slot has (a slot's first adapter fixes its layers)")
+
+    def _evict(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        if self.hotswap_rank is None:
+            self.pipe.delete_adapters(entry.name)
+            self._active = _UNKNOWN
+        elif self._active not in (None, _UNKNOWN) and self._active[0] == key:
+            # The slot keeps its weights until the next swap; it must not stay active for another key.
+            self._active = _UNKNOWN
+        self._counters["evictions"] += 1
+        log.info("adapter evicted", key=key, adapter=entry.name)
+
+    def _record_switch(self, started: float) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self._counters["switches"] += 1
+        self._counters["switch_ms_last"] = elapsed_ms
+        self._counters["switch_ms_total"] += elapsed_ms
+
+
+def _layers(prepared: PreparedAdapter) -> dict[str, frozenset[str]]:
+    return {component: prepared.modules(component) for component in {c for c, _ in prepared.targets}}
+
+
+def _covers(slot: dict[str, frozenset[str]], needed: dict[str, frozenset[str]]) -> bool:
+    return all(modules <= slot.get(component, frozenset()) for component, modules in needed.items())

@@ -1,0 +1,122 @@
+"""The Serve deployment: every replica holds the whole stack and runs one library call per batch.
+
+Requests arrive one at a time from the job's Ray Data workers (or the HTTP ingress); `@serve.batch` gathers
+concurrent ones so the stack sees batches. The request's adapter key is the multiplexed model id, so Serve
+routes a request to a replica that already holds its adapter and never mixes adapters in one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from factory.errors import InputError
+from factory.routing.requests import Status, TaskRequest, TaskResult
+
+log = structlog.get_logger(__name__)
+
+DEPLOYMENT_NAME = "StackReplica"
+BASE_ADAPTER = "base"
+
+
+class ReplicaConfig(BaseModel):
+    """What a replica needs to build its stack; travels to the replica as its constructor argument."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str = Field(default="tiny", description="Model profile every replica loads")
+    max_batch_size: int = Field(default=4, ge=1, le=256, description="Requests per library call")
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0.0, le=10.0, description="Wait to fill a batch")
+    threads: int = Field(default=1, ge=1, description="torch intra-op threads (the replica's CPUs)")
+    max_input_pixels: int = Field(default=40_000_000, ge=1, description="Decompression-bomb cap for inputs")
+
+
+class ReplicaCall(BaseModel):
+    """One request plus its input image bytes (read by the caller, decoded here)."""
+
+    request: TaskRequest
+    image_bytes: bytes | None = Field(default=None, repr=False)
+
+
+def adapter_key(request: TaskRequest) -> str:
+    """The multiplexed model id of a request: its adapter, or the base model."""
+    return request.adapter or BASE_ADAPTER
+
+
+class StackReplica:
+    def __init__(self, config: ReplicaConfig | dict):
+        import torch
+
+        from factory.logs import configure_logging
+        from factory.model.stack import ModelStack
+        from factory.routing.executor import TaskExecutor
+
+        self.config = ReplicaConfig.model_validate(config)
+        configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "info"))
+        torch.set_num_threads(self.config.threads)
+        self.stack = ModelStack.from_profile(self.config.profile)
+        self.executor = TaskExecutor(self.stack)
+        self.run_batch.set_max_batch_size(self.config.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    async def __call__(self, call: ReplicaCall | dict) -> TaskResult:
+        return await self.run_batch(ReplicaCall.model_validate(call))
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def run_batch(self, calls: list[ReplicaCall]) -> list[TaskResult]:
+        # The model call blocks for the whole batch; a worker thread keeps the replica's event loop free
+        # for health checks and for queueing the next batch.
+        return await asyncio.to_thread(self.run_calls, calls)
+
+    def run_calls(self, calls: list[ReplicaCall]) -> list[TaskResult]:
+        from factory.jobs.fetch import decode_image
+        from factory.routing.executor import base_result
+
+        results: list[TaskResult | None] = [None] * len(calls)
+        runnable, images = [], []
+        for index, call in enumerate(calls):
+            image = None
+            if call.request.image is not None:
+                try:
+                    if call.image_bytes is None:
+                        raise InputError(f"no bytes were read for {call.request.image}")
+                    image = decode_image(call.image_bytes, call.request.image, self.config.max_input_pixels)
+                except InputError as error:
+                    results[index] = base_result(
+                        call.request, self.stack, status=Status.REJECTED, error=f"image: {error}"
+                    )
+                    continue
+            runnable.append(index)
+            images.append(image)
+        produced = self.executor.run([calls[i].request for i in runnable], images)
+        for index, result in zip(runnable, produced, strict=True):
+            results[index] = result
+        return results  # type: ignore[return-value]
+
+    def check_health(self) -> None:
+        if self.stack is None:
+            raise RuntimeError("stack not loaded")
+
+
+def build_replica_app(
+    config: ReplicaConfig, *, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+    max_ongoing_requests: int = 4,
+):
+    """A bound Serve application of StackReplica with the job's sizing."""
+    deployment = serve.deployment(
+        StackReplica,
+        name=DEPLOYMENT_NAME,
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        # Diffusion calls are long; a low bound keeps queues at the caller, where backpressure belongs.
+        max_ongoing_requests=max_ongoing_requests,
+        health_check_period_s=10,
+        # One access-log line per row drowns the job's own logs; failures are logged by the job.
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        health_check_timeout_s=60,
+    )
+    return deployment.bind(config.model_dump())

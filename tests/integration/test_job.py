@@ -1,0 +1,189 @@
+"""The main job end to end on one shared local Ray: Ray Data -> Serve replicas -> Parquet and images,
+against a local folder and a real S3-compatible server over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from factory.jobs.pipeline import JobAborted, run_job
+from factory.jobs.sinks import RESULT_SCHEMA, OutputLayout, read_table
+from factory.jobs.spec import load_spec
+from factory.jobs.storage import Storage
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+CATALOG = REPO / "jobs" / "catalog.yaml"
+EXPECTED_REJECTS = {  # manifest row id (or None) -> field the reject names
+    "bad-width": "width", "bad-task": "task", None: "row", "bad-no-image": "image", "umbrella-bad-1": "seed",
+    "acme-eu-001": "id",
+}
+
+
+def results_of(storage: Storage, root: str) -> list[dict]:
+    table = read_table(storage, OutputLayout(root).results, hive=True)
+    return [] if table is None else table.to_pylist()
+
+
+def rejects_of(storage: Storage, root: str) -> list[dict]:
+    table = read_table(storage, OutputLayout(root).rejects)
+    return [] if table is None else table.to_pylist()
+
+
+def check_catalog_output(storage: Storage, root: str) -> None:
+    layout = OutputLayout(root)
+    results = results_of(storage, root)
+    ids = [row["id"] for row in results]
+    assert len(ids) == len(set(ids)) == 25
+    statuses = {}
+    for row in results:
+        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+    assert statuses == {"ok": 24, "rejected": 1}
+    missing = next(row for row in results if row["id"] == "bad-missing-image")
+    assert missing["status"] == "rejected" and "no such file" in missing["error"]
+
+    table = read_table(storage, layout.results, hive=True)
+    for field in RESULT_SCHEMA:
+        assert table.schema.field(field.name).type == field.type, field.name
+
+    # An image for every ok generation row, at the key its row names, and for no other row.
+    expected_images = {row["image_uri"] for row in results if row["task"] == "generate" and row["status"] == "ok"}
+    assert len(expected_images) == 18 and None not in expected_images
+    assert all(row["image_uri"] is None for row in results if row["task"] != "generate")
+    assert set(storage.list_files(storage.join(root, "images"))) == expected_images
+    seeded = next(row for row in results if row["id"] == "initech-gen-seeded")
+    assert (seeded["seed"], seeded["width"], seeded["height"]) == (7, 256, 192)
+    assert seeded["image_uri"] == layout.image("initech", "initech-gen-seeded")
+    for row in results:
+        if row["task"] == "caption" and row["status"] == "ok":
+            assert row["caption"]
+        if row["task"] == "vqa":
+            assert row["answer"] and row["question"]
+
+    rejects = rejects_of(storage, root)
+    assert {row["id"]: row["field"] for row in rejects} == EXPECTED_REJECTS
+    assert all(row["reason"] and row["manifest"] and row["manifest_line"] for row in rejects)
+    duplicate = next(row for row in rejects if row["field"] == "id")
+    assert "duplicate id 'acme-eu-001'" in duplicate["reason"]
+
+    assert storage.exists(layout.success)
+    summary = json.loads(storage.read_bytes(layout.summary))
+    assert (summary["rows"], summary["rejects"], summary["images"]) == (25, 6, 18)
+    assert summary["by_status"] == {"ok": 24, "rejected": 1}
+    assert set(summary["tenants"]) == {"acme", "globex", "initech", "umbrella"}
+    assert summary["tenants"]["acme"]["compute_seconds"] > 0
+
+
+def test_catalog_to_local_folder_and_rerun_writes_nothing_twice(ray_cluster, tmp_path):
+    spec = load_spec(CATALOG, [f"output={tmp_path}"])
+    run_job(spec, address=ray_cluster["address"], show_progress=False)
+    root = str(tmp_path / "catalog")
+    storage = Storage()
+    check_catalog_output(storage, root)
+
+    files_before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.parquet"))
+    run_job(spec, address=ray_cluster["address"], show_progress=False)
+    check_catalog_output(storage, root)
+    files_after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.parquet"))
+    assert files_after == files_before  # every row was already committed: no new result or reject files
+
+
+def test_catalog_on_s3_over_http(ray_cluster, s3_endpoint, tmp_path):
+    from tests.s3server import new_bucket
+
+    bucket = new_bucket(s3_endpoint, "catalog")
+    storage = Storage()
+    data = REPO / "jobs" / "data"
+    for path in data.rglob("*"):
+        if path.is_file():
+            storage.write_bytes(f"{bucket}/in/{path.relative_to(data).as_posix()}", path.read_bytes())
+    spec_path = tmp_path / "catalog.yaml"
+    spec_path.write_text(CATALOG.read_text())
+    spec = load_spec(spec_path, [f"inputs=['{bucket}/in/']", f"output={bucket}/out"])
+    run_job(spec, address=ray_cluster["address"], show_progress=False)
+    check_catalog_output(storage, f"{bucket}/out/catalog")
+
+
+def write_generation_manifest(path: Path, rows: int, tenants=("acme", "globex", "initech")) -> list[str]:
+    ids = [f"row-{index:04d}" for index in range(rows)]
+    with path.open("w") as handle:
+        for index, row_id in enumerate(ids):
+            tenant = tenants[index % len(tenants)]
+            handle.write(json.dumps({"id": row_id, "tenant": tenant, "prompt": f"poster number {index}"}) + "\n")
+    return ids
+
+
+def small_spec(tmp_path: Path, manifest: Path, name: str) -> Path:
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(
+        f"name: {name}\ninputs: [{manifest}]\noutput: {tmp_path / 'out'}\n"
+        "defaults: {steps: 2, width: 128, height: 128}\ncommit: {rows: 8, seconds: 0.5}\n"
+    )
+    return spec
+
+
+def test_driver_killed_part_way_then_rerun_has_every_row_exactly_once(ray_cluster, tmp_path):
+    ids = write_generation_manifest(tmp_path / "rows.jsonl", 360)
+    spec_path = small_spec(tmp_path, tmp_path / "rows.jsonl", "resume")
+    root = str(tmp_path / "out" / "resume")
+    storage = Storage()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "factory", "run", str(spec_path), "--address", ray_cluster["address"]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(results_of(storage, root)) < 40:
+            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGKILL)  # the whole driver, no chance to clean up
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    committed = results_of(storage, root)
+    assert 40 <= len(committed) < len(ids), "the kill must land part-way"
+    assert not storage.exists(OutputLayout(root).success)
+
+    run_job(load_spec(spec_path), address=ray_cluster["address"], show_progress=False)
+    final = results_of(storage, root)
+    final_ids = [row["id"] for row in final]
+    assert sorted(final_ids) == sorted(ids)  # each row present, exactly once
+    assert all(row["status"] == "ok" for row in final)
+    images = set(storage.list_files(storage.join(root, "images")))
+    assert images == {row["image_uri"] for row in final}
+    assert storage.exists(OutputLayout(root).success)
+    assert json.loads(storage.read_bytes(OutputLayout(root).summary))["rows"] == len(ids)
+
+
+def test_error_budget_stops_the_job_and_keeps_what_was_written(ray_cluster, tmp_path):
+    write_generation_manifest(tmp_path / "rows.jsonl", 60)
+    spec = load_spec(small_spec(tmp_path, tmp_path / "rows.jsonl", "budget"),
+                     ["row_timeout_s=0.001", "error_budget.max_failed=5"])
+    with pytest.raises(JobAborted, match="over the error budget"):
+        run_job(spec, address=ray_cluster["address"], show_progress=False)
+    root = str(tmp_path / "out" / "budget")
+    storage = Storage()
+    failed = [row for row in results_of(storage, root) if row["status"] == "failed"]
+    assert len(failed) > 5 and all("timed out" in row["error"] for row in failed)
+    assert not storage.exists(OutputLayout(root).success)
+
+
+def test_factory_submit_runs_the_job_through_the_jobs_api(ray_cluster, tmp_path):
+    output = tmp_path / "submitted"
+    completed = subprocess.run(
+        [sys.executable, "-m", "factory", "submit", "jobs/catalog.yaml", "--address", ray_cluster["dashboard"],
+         "--set", f"output={output}", "--run-id", "submitted"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    check_catalog_output(Storage(), str(output / "submitted"))

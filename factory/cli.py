@@ -56,6 +56,7 @@ def _run_single(row: dict, profile: str):
     from factory.routing.executor import TaskExecutor
     from factory.routing.local import load_request_image, profile_defaults
     from factory.routing.parser import parse_request
+    from factory.safety.policy import SafetyChecker, SafetyPolicy
 
     _configure_logging()
     from factory.model.profiles import get_profile
@@ -64,9 +65,11 @@ def _run_single(row: dict, profile: str):
     request = parse_request(row, profile_defaults(resolved))
     image = load_request_image(request)
     stack = ModelStack.from_profile(resolved)
-    result = TaskExecutor(stack).run([request], [image])[0]
+    result = TaskExecutor(stack, SafetyChecker(SafetyPolicy())).run([request], [image])[0]
     if result.error:
-        raise FactoryError(f"row {result.id}: {result.error}")
+        raise FactoryError(result.error)
+    if result.status.value == "blocked":
+        raise FactoryError(f"blocked by the safety policy: {result.safety_reason}")
     return result
 
 

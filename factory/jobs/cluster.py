@@ -17,6 +17,7 @@ def connect(address: str | None = None) -> None:
     """
     import ray
 
+    quiet_ray_data()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -30,8 +31,13 @@ def connect(address: str | None = None) -> None:
             include_dashboard=False, dashboard_host="127.0.0.1", runtime_env=runtime_env,
             logging_level=logging.WARNING,
         )
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress bars and periodic progress logs would fight the job's progress line."""
+    import ray
+
     context = ray.data.DataContext.get_current()
-    # Ray Data's own bars would fight the job's progress line.
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -47,6 +53,7 @@ def deploy(spec, app_name: str) -> None:
     config = ReplicaConfig(
         profile=spec.profile, max_batch_size=spec.serve.max_batch_size,
         batch_wait_timeout_s=spec.serve.batch_wait_timeout_s, threads=max(1, int(spec.serve.num_cpus)),
+        safety=spec.safety,
     )
     app = build_replica_app(
         config, replicas=spec.serve.replicas, num_cpus=spec.serve.num_cpus, num_gpus=spec.serve.num_gpus,

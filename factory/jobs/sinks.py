@@ -1,7 +1,8 @@
 """Where a run's output lands, and the writers that commit it.
 
 Layout under OUTPUT (a local folder or s3:// prefix, one per run):
-    images/<tenant>/<id>.png            generated images of `ok` rows, written before their result row
+    images/<tenant>/<id>.png            generated images of `ok` rows (safety verdict pass), before their row
+    quarantine/<tenant>/<id>.png        flagged images under a `quarantine` policy; no image_uri points here
     results/tenant=<t>/part-*.parquet   one row per accepted manifest row (Hive-partitioned by tenant)
     rejects/part-*.parquet              rows that failed validation or were duplicates
     summary.json, _SUCCESS              written once the run has finished
@@ -35,6 +36,8 @@ RESULT_SCHEMA = pa.schema([
     ("adapter_sha256", pa.string()), ("profile", pa.string()), ("model_version", pa.string()),
     ("seed", pa.int64()), ("steps", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
     ("guidance", pa.float64()), ("latency_ms", pa.float64()), ("error", pa.string()),
+    ("safety_verdict", pa.string()), ("safety_decided_by", pa.string()), ("safety_labels", pa.list_(pa.string())),
+    ("safety_scores", pa.list_(pa.float64())), ("safety_reason", pa.string()), ("quarantine_uri", pa.string()),
     ("run_id", pa.string()), ("manifest", pa.string()), ("manifest_line", pa.int64()),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
 ])
@@ -59,6 +62,9 @@ class OutputLayout:
 
     def image(self, tenant: str, row_id: str) -> str:
         return join(self.root, "images", tenant, f"{object_name(row_id)}.png")
+
+    def quarantine(self, tenant: str, row_id: str) -> str:
+        return join(self.root, "quarantine", tenant, f"{object_name(row_id)}.png")
 
     @property
     def results(self) -> str:

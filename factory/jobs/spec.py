@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from factory.errors import ConfigError
 from factory.routing.requests import MAX_SIDE, MAX_STEPS, MIN_SIDE
+from factory.safety.policy import SafetyPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -138,7 +139,11 @@ class JobSpec(_Section):
     tenants: str | None = Field(
         default=None, description="Tenants registry YAML; a relative path is relative to the spec file's folder"
     )
-    safety: dict[str, Any] | None = Field(default=None, description="Safety policy settings (typed later)")
+    safety: SafetyPolicy = Field(
+        default_factory=SafetyPolicy,
+        description="NSFW policy: detector, per-label thresholds, block or quarantine, prompt term lists; "
+        "always on, defaults block exposed-anatomy labels at 0.5",
+    )
 
     @field_validator("name")
     @classmethod

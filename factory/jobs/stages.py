@@ -190,17 +190,22 @@ class CallReplicas:
         started = time.perf_counter()
         async with self._limit:
             result = await self._run(request, row_log, ReplicaCall, adapter_key)
-        if result.status is Status.OK and result.image_png is not None:
-            uri = self.ctx.layout.image(request.tenant, request.id)
-            try:
+        try:
+            if result.status is Status.OK and result.image_png is not None:
+                uri = self.ctx.layout.image(request.tenant, request.id)
                 await asyncio.to_thread(self.ctx.storage.write_bytes, uri, result.image_png)
                 result.image_uri = uri
-            except FactoryError as error:
-                result = result.model_copy(update={"status": Status.FAILED, "error": f"writing image: {error}"})
+            elif result.quarantine_png is not None:
+                uri = self.ctx.layout.quarantine(request.tenant, request.id)
+                await asyncio.to_thread(self.ctx.storage.write_bytes, uri, result.quarantine_png)
+                result.quarantine_uri = uri
+        except FactoryError as error:
+            result = result.model_copy(update={"status": Status.FAILED, "error": f"writing image: {error}",
+                                               "image_uri": None, "quarantine_uri": None})
         self.metrics.record(result, time.perf_counter() - started)
         if result.status is Status.FAILED:
             row_log.warning("row failed", error=result.error)
-        row = result.model_dump(mode="json", exclude={"image_png"})
+        row = result.model_dump(mode="json", exclude={"image_png", "quarantine_png"})
         row.update(run_id=self.ctx.run_id, manifest=item["manifest"], manifest_line=item["line"],
                    finished_at=datetime.now(UTC).isoformat())
         return RESULT, json.dumps(row)

@@ -11,20 +11,12 @@ from PIL import Image
 
 from factory.errors import ModelError
 from factory.model.generator import FluxGenerator, GenerationParams
+from factory.logs import quiet_library_noise
 from factory.model.profiles import TINY_SOURCE, Profile, factory_home, get_profile
 from factory.model.tiny import BUILDER_VERSION, ensure_tiny
 from factory.model.vlm import VisionLanguageModel
 
 log = structlog.get_logger(__name__)
-
-
-def quiet_library_progress() -> None:
-    """diffusers/transformers draw tqdm bars on every load and call; they flood replica logs."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 @dataclass
@@ -38,7 +30,7 @@ class ModelStack:
     @classmethod
     def from_profile(cls, profile: Profile | str, home: Path | None = None) -> ModelStack:
         profile = get_profile(profile) if isinstance(profile, str) else profile
-        quiet_library_progress()
+        quiet_library_noise()
         started = time.perf_counter()
         generator_source, vlm_source, version = resolve_sources(profile, home)
         try:

@@ -223,6 +223,9 @@ def ensure_tiny(home: Path | None = None, *, force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
+        from factory.logs import quiet_library_noise
+
+        quiet_library_noise()
         log.info("building tiny checkpoints", path=str(target))
         build_flux(staging / "flux")
         build_vlm(staging / "vlm")

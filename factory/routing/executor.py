@@ -1,7 +1,10 @@
-"""Run resolved requests through a ModelStack: one library call per task (and per call shape) per batch.
+"""Run resolved requests through a ModelStack: one library call per task (and per call shape) per batch,
+with the safety policy applied before anything leaves.
 
 The Serve replica and the local CLI both go through here, so a row behaves the same in a job, over HTTP and
-on the command line.
+on the command line. Order of checks: a generation prompt is filtered before the generator sees it; a
+generated image is scored before its bytes are attached to the result (a blocked image is dropped here, a
+quarantined one travels only as `quarantine_png`); an input image is scored before it is captioned.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from factory.routing.requests import Status, Task, TaskRequest, TaskResult
 
 log = structlog.get_logger(__name__)
 
+
 def encode_png(image: Image.Image) -> bytes:
     # Pillow writes no timestamps into PNGs, so the same pixels always give the same bytes.
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
 
 def base_result(request: TaskRequest, stack: ModelStack, **fields) -> TaskResult:
     return TaskResult(
@@ -34,11 +39,24 @@ def base_result(request: TaskRequest, stack: ModelStack, **fields) -> TaskResult
         **fields,
     )
 
+
+def safety_fields(verdict) -> dict:
+    """The result columns that record a safety decision (empty when no checker ran)."""
+    if verdict is None:
+        return {}
+    return {
+        "safety_verdict": verdict.verdict, "safety_decided_by": verdict.decided_by,
+        "safety_labels": list(verdict.labels), "safety_scores": list(verdict.scores),
+        "safety_reason": verdict.reason,
+    }
+
+
 class TaskExecutor:
     """Stateless over a stack: `run` takes a batch and returns one result per request, in order."""
 
-    def __init__(self, stack: ModelStack):
+    def __init__(self, stack: ModelStack, safety=None):
         self.stack = stack
+        self.safety = safety  # a factory.safety.SafetyChecker, or None to record no verdicts
 
     def run(self, requests: Sequence[TaskRequest], images: Sequence[Image.Image | None]) -> list[TaskResult]:
         results: list[TaskResult | None] = [None] * len(requests)
@@ -64,20 +82,66 @@ class TaskExecutor:
         return results  # type: ignore[return-value]
 
     def _generate(self, batch: list[TaskRequest], _images) -> list[TaskResult]:
-        params = [
-            GenerationParams(r.prompt or "", r.seed or 0, r.steps or 1, r.width or 16, r.height or 16, r.guidance or 0.0)
-            for r in batch
+        results: list[TaskResult | None] = [None] * len(batch)
+        prompt_verdicts = (
+            self.safety.check_prompts([r.prompt for r in batch], [r.tenant for r in batch], [r.region for r in batch])
+            if self.safety else [None] * len(batch)
+        )
+        allowed = []
+        for index, (request, verdict) in enumerate(zip(batch, prompt_verdicts, strict=True)):
+            if verdict is not None and verdict.flagged:
+                results[index] = base_result(request, self.stack, status=Status.BLOCKED, **safety_fields(verdict))
+            else:
+                allowed.append(index)
+        if allowed:
+            params = [
+                GenerationParams(r.prompt or "", r.seed or 0, r.steps or 1, r.width or 16, r.height or 16,
+                                 r.guidance or 0.0)
+                for r in (batch[i] for i in allowed)
+            ]
+            images = self.stack.generate(params)
+            image_verdicts = self.safety.check_images(images) if self.safety else [None] * len(images)
+            for index, image, verdict in zip(allowed, images, image_verdicts, strict=True):
+                results[index] = self._generated_result(batch[index], image, verdict)
+        return results  # type: ignore[return-value]
+
+    def _generated_result(self, request: TaskRequest, image: Image.Image, verdict) -> TaskResult:
+        fields = safety_fields(verdict)
+        if verdict is None or not verdict.flagged:
+            return base_result(request, self.stack, status=Status.OK, image_png=encode_png(image), **fields)
+        if verdict.verdict == "quarantined":
+            return base_result(request, self.stack, status=Status.BLOCKED, quarantine_png=encode_png(image), **fields)
+        return base_result(request, self.stack, status=Status.BLOCKED, **fields)
+
+    def _screen_inputs(self, batch: list[TaskRequest], images: list[Image.Image]):
+        """Input verdicts, and which rows may still be answered under the policy."""
+        if self.safety is None:
+            return [None] * len(batch), list(range(len(batch)))
+        verdicts = self.safety.check_inputs(images)
+        return verdicts, [i for i, v in enumerate(verdicts) if self.safety.should_answer(v)]
+
+    def _vlm_task(self, batch, images, run, field: str) -> list[TaskResult]:
+        verdicts, answerable = self._screen_inputs(batch, images)
+        results = [
+            base_result(
+                request, self.stack, status=Status.BLOCKED, **safety_fields(verdict),
+                # Under a quarantine policy a flagged input is kept aside for review, like a generated image.
+                quarantine_png=encode_png(image) if verdict is not None and verdict.verdict == "quarantined" else None,
+            )
+            for request, verdict, image in zip(batch, verdicts, images, strict=True)
         ]
-        images = self.stack.generate(params)
-        return [
-            base_result(r, self.stack, status=Status.OK, image_png=encode_png(image))
-            for r, image in zip(batch, images, strict=True)
-        ]
+        if answerable:
+            texts = run([batch[i] for i in answerable], [images[i] for i in answerable])
+            for index, text in zip(answerable, texts, strict=True):
+                results[index] = base_result(
+                    batch[index], self.stack, status=Status.OK, **{field: text}, **safety_fields(verdicts[index])
+                )
+        return results
 
     def _caption(self, batch: list[TaskRequest], images: list[Image.Image]) -> list[TaskResult]:
-        captions = self.stack.caption(images, [r.prompt for r in batch])
-        return [base_result(r, self.stack, status=Status.OK, caption=c) for r, c in zip(batch, captions, strict=True)]
+        return self._vlm_task(batch, images, lambda rows, imgs: self.stack.caption(imgs, [r.prompt for r in rows]),
+                              "caption")
 
     def _answer(self, batch: list[TaskRequest], images: list[Image.Image]) -> list[TaskResult]:
-        answers = self.stack.answer(images, [r.question or "" for r in batch])
-        return [base_result(r, self.stack, status=Status.OK, answer=a) for r, a in zip(batch, answers, strict=True)]
+        return self._vlm_task(batch, images,
+                              lambda rows, imgs: self.stack.answer(imgs, [r.question or "" for r in rows]), "answer")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from factory.errors import InputError
+from factory.safety.policy import SafetyPolicy
 from factory.routing.requests import Status, TaskRequest, TaskResult
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,7 @@ class ReplicaConfig(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.05, ge=0.0, le=10.0, description="Wait to fill a batch")
     threads: int = Field(default=1, ge=1, description="torch intra-op threads (the replica's CPUs)")
     max_input_pixels: int = Field(default=40_000_000, ge=1, description="Decompression-bomb cap for inputs")
+    safety: SafetyPolicy = Field(default_factory=SafetyPolicy, description="Checks run before results leave")
 
 
 class ReplicaCall(BaseModel):
@@ -54,12 +56,15 @@ class StackReplica:
         from factory.logs import configure_logging
         from factory.model.stack import ModelStack
         from factory.routing.executor import TaskExecutor
+        from factory.safety.policy import SafetyChecker
 
         self.config = ReplicaConfig.model_validate(config)
         configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "info"))
         torch.set_num_threads(self.config.threads)
         self.stack = ModelStack.from_profile(self.config.profile)
-        self.executor = TaskExecutor(self.stack)
+        self.safety = SafetyChecker(self.config.safety)
+        self.safety.load()  # a policy naming labels its detector lacks fails the deploy, not the rows
+        self.executor = TaskExecutor(self.stack, self.safety)
         self.run_batch.set_max_batch_size(self.config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 

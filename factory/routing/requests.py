@@ -144,3 +144,11 @@ class TaskResult(BaseModel):
     guidance: float | None = None
     latency_ms: float | None = None
     error: str | None = None
+    safety_verdict: str | None = Field(default=None, description="pass | blocked | quarantined")
+    safety_decided_by: str | None = Field(default=None, description="prompt_filter | image_detector")
+    safety_labels: list[str] | None = None
+    safety_scores: list[float] | None = None
+    safety_reason: str | None = None
+    # A quarantined image travels only to OUTPUT/quarantine/; `image_uri` never points there.
+    quarantine_png: bytes | None = Field(default=None, repr=False)
+    quarantine_uri: str | None = None

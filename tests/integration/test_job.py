@@ -75,6 +75,10 @@ def check_catalog_output(storage: Storage, root: str) -> None:
     duplicate = next(row for row in rejects if row["field"] == "id")
     assert "duplicate id 'acme-eu-001'" in duplicate["reason"]
 
+    by_uri = {row["image_uri"]: row for row in results}
+    assert all(by_uri[uri]["safety_verdict"] == "pass" for uri in expected_images)
+    assert all(row["safety_verdict"] == "pass" for row in results if row["status"] == "ok")
+
     assert storage.exists(layout.success)
     summary = json.loads(storage.read_bytes(layout.summary))
     assert (summary["rows"], summary["rejects"], summary["images"]) == (25, 6, 18)

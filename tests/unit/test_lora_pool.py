@@ -217,3 +217,17 @@ def test_hotswap_needs_a_pipeline_without_adapters(generator, adapters, pool):
     pool().ensure_loaded(adapters["a"])
     with pytest.raises(ModelError, match="before the pipeline's first adapter"):
         LoraPool(generator.pipe, hotswap_rank=8)
+
+
+def test_hotswap_applies_each_adapters_own_scale(tiny_path, adapters, reference, generator, pool):
+    plain = pool()
+    plain.activate(adapters["b"].model_copy(update={"scale": 0.5}))
+    expected = pixels(generator)
+    plain.clear()
+    swapping = load_generator(tiny_path)
+    lora = LoraPool(swapping.pipe, max_adapters=1, hotswap_rank=8)
+    lora.activate(adapters["a"])  # the slot's first adapter has alpha/r = 2; b's own is 1, at half strength
+    lora.activate(adapters["b"].model_copy(update={"scale": 0.5}))
+    assert np.abs(pixels(swapping) - expected).max() <= 1
+    lora.activate(adapters["b"])  # a new scale reloads into the slot
+    assert np.abs(pixels(swapping) - reference["b"]).max() <= 1 and lora.stats()["loads"] == 3

@@ -53,10 +53,11 @@ def test_valid_spec_with_defaults_and_resolved_paths(spec_file, tmp_path):
     assert spec.inputs == [str(tmp_path / "jobs/data/rows.jsonl"), "s3://bucket/manifests/", "/abs/more.csv"]
     assert spec.output == str(tmp_path / "work/out/catalog")
     assert spec.tenants == str(tmp_path / "jobs/tenants.yaml")
-    assert spec.profile == "tiny" and spec.allow_http is False and spec.safety is None
+    assert spec.profile == "tiny" and spec.allow_http is False
+    assert spec.safety.action == "block" and spec.safety.detector == "nudenet"
     assert spec.defaults == Defaults(steps=4, width=256)
     assert spec.serve == ServeConfig()
-    assert (spec.serve.max_ongoing_requests, spec.serve.batch_wait_timeout_s) == (4, 0.05)
+    assert (spec.serve.max_ongoing_requests, spec.serve.batch_wait_timeout_s) == (8, 0.05)
     assert (spec.in_flight, spec.batch_size) == (8, 8)
     assert spec.error_budget == ErrorBudget(max_failed=None, max_failed_fraction=0.1)
 
@@ -75,7 +76,8 @@ def test_overrides_apply_before_validation(spec_file):
             "allow_http=true",
             "defaults.height=512",
             "error_budget.max_failed=3",
-            "safety.policy.block=[FACE_FEMALE]",
+            "safety.action=quarantine",
+            "safety.thresholds={FACE_FEMALE: 0.6}",
             "name=other-name",
             "tenants=",
         ],
@@ -84,7 +86,7 @@ def test_overrides_apply_before_validation(spec_file):
     assert spec.allow_http is True
     assert spec.defaults.height == 512 and spec.defaults.width == 256  # the rest of the section stays
     assert spec.error_budget.max_failed == 3
-    assert spec.safety == {"policy": {"block": ["FACE_FEMALE"]}}
+    assert spec.safety.action == "quarantine" and spec.safety.thresholds == {"FACE_FEMALE": 0.6}
     assert spec.name == "other-name" and spec.tenants is None
 
 
@@ -101,7 +103,7 @@ def test_override_that_fixes_an_invalid_file(tmp_path):
         ("serve.replcas=2", "--set serve.replcas: unknown key (did you mean serve.replicas?)"),
         ("serve.replcas.x=2", "--set serve.replcas.x: unknown key serve.replcas (did you mean serve.replicas?)"),
         ("replicas=2", "--set replicas: unknown key"),
-        ("safety.anything.goes=1", None),
+        ("safety.anything=1", "--set safety.anything: unknown key"),
         ("name.first=x", "name is a value, not a section"),
         ("serve.replicas", "expected key=value"),
         ("serve.replicas=[1", "value is not valid YAML"),

@@ -18,6 +18,7 @@ Same arguments, same bytes.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -62,7 +63,10 @@ def lora_layout(transformer: Any, *, rank: int, alpha: float, target_modules: li
     skeleton = _meta_copy(transformer)
     targets = sorted(target_modules or attention_targets(skeleton))
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
-    skeleton = inject_adapter_in_model(config, skeleton, adapter_name="default")
+    try:
+        skeleton = inject_adapter_in_model(config, skeleton, adapter_name="default")
+    except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+        raise ValueError(f"no Linear layer of this transformer matches target_modules {targets}") from error
     shapes = {key: tuple(t.shape) for key, t in get_peft_model_state_dict(skeleton, adapter_name="default").items()}
     if not shapes:
         raise ValueError(f"no Linear layer of this transformer matches target_modules {targets}")
@@ -115,10 +119,23 @@ def _check_kohya_round_trip(kohya: dict[str, torch.Tensor], weights: dict[str, t
         raise ValueError(f"these layers have no kohya name diffusers reads back: {missing}")
 
 
+def _sort_header(path: Path) -> None:
+    """safetensors writes `__metadata__` from a hash map, in an order that changes from call to call. Rewrite
+    the JSON header with sorted keys -- same length, same data section -- so equal inputs give equal bytes."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    text = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    if len(text) > length:
+        raise RuntimeError(f"{path}: header grew when sorted; not rewriting it")
+    # safetensors pads the header with spaces to keep the data aligned; keep its length.
+    path.write_bytes(data[:8] + text.ljust(length, b" ") + data[8 + length :])
+
+
 def _write_atomically(out: Path, write) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".lora-") as staging:
         write(Path(staging))
+        _sort_header(Path(staging) / out.name)
         os.replace(Path(staging) / out.name, out)
 
 

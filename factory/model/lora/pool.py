@@ -14,7 +14,8 @@ before the first load, adapters live in fixed slots (`slot0`..), and a new adapt
 weights in place (`load_lora_weights(..., hotswap=True)`) so the compiled graph is reused. peft requires a
 swapped-in adapter to target the slot's layers or a subset, with rank <= R, transformer only; the pool checks
 that before touching the slot. Use `max_adapters=1` with a compiled transformer: switching between slots
-changes which weights the graph reads.
+changes which weights the graph reads. In this mode an adapter's scale is baked into its slot (a new scale
+reloads it), and memory is fixed by the slots, so `max_bytes` only bounds a single adapter.
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ class LoraPool:
         """Load `ref` if it is not loaded (evicting as needed); mark it most recently used."""
         with self._lock:
             entry = self._entries.get(ref.key)
-            if entry is not None and entry.ref.same_weights(ref):
+            # Hot-swap slots carry the strength in their weights' alphas, so a new scale means a new load.
+            reusable = entry is not None and entry.ref.same_weights(ref) and (
+                self.hotswap_rank is None or entry.ref.scale == ref.scale
+            )
+            if entry is not None and reusable:
                 self._counters["hits"] += 1
                 self._entries.move_to_end(ref.key)
                 entry.ref = ref  # a new scale needs no reload; activate() applies it
@@ -133,7 +138,11 @@ class LoraPool:
             if self._active != (ref.key, ref.scale):
                 started = time.perf_counter()
                 self.pipe.enable_lora()
-                self.pipe.set_adapters([loaded.adapter_name], adapter_weights=[ref.scale])
+                if self.hotswap_rank is None:
+                    self.pipe.set_adapters([loaded.adapter_name], adapter_weights=[ref.scale])
+                else:
+                    # Not set_adapters: it recomputes scalings from the slot's first adapter (see _load).
+                    self.pipe.transformer.set_adapter(loaded.adapter_name)
                 self._active = (ref.key, ref.scale)
                 self._record_switch(started)
             return loaded
@@ -189,7 +198,8 @@ class LoraPool:
             name, hotswap = self._pick_slot(ref, prepared)
         self._active = _UNKNOWN
         try:
-            elapsed_ms = load_prepared(self.pipe, prepared, name, hotswap=hotswap)
+            elapsed_ms = load_prepared(self.pipe, prepared, name, hotswap=hotswap,
+                                       scale=1.0 if self.hotswap_rank is None else ref.scale)
         except AdapterError:
             if hotswap or name not in loaded_adapter_names(self.pipe):
                 # diffusers drops a slot whose swap failed; its layers are no longer fixed.

@@ -129,6 +129,20 @@ class PreparedAdapter:
     def modules(self, component: str) -> frozenset[str]:
         return frozenset(module for comp, module in self.targets if comp == component)
 
+    def scaled(self, scale: float) -> dict[str, Any]:
+        """The state dict with `scale` folded into every module's alpha (a layer without one has alpha = rank).
+
+        For hot-swap slots: peft sets a swapped adapter's scaling from its alpha, and `set_adapters(weights=)`
+        would recompute it from the slot's *first* adapter's alpha, so the strength has to travel in the alphas.
+        """
+        if scale == 1.0:
+            return dict(self.state_dict)
+        scaled = dict(self.state_dict)
+        for (component, module), rank in self.targets.items():
+            key = f"{component}.{module}.alpha"
+            scaled[key] = float(scaled.get(key, rank)) * scale
+        return scaled
+
 
 # ---- 1-5: bytes -> tensors -----------------------------------------------------------------------------
 
@@ -378,15 +392,19 @@ def verify_loaded(pipe: Any, prepared: PreparedAdapter, adapter_name: str) -> No
         raise AdapterError(f"{prepared.uri}: loaded but changes no layer")
 
 
-def load_prepared(pipe: Any, prepared: PreparedAdapter, adapter_name: str, *, hotswap: bool = False) -> float:
+def load_prepared(
+    pipe: Any, prepared: PreparedAdapter, adapter_name: str, *, hotswap: bool = False, scale: float = 1.0
+) -> float:
     """Step 7: load the checked dict under `adapter_name` and verify it; returns milliseconds taken.
 
-    On failure the adapter is removed again (diffusers itself drops a slot whose hot-swap failed).
+    `scale` is baked into the alphas (see `PreparedAdapter.scaled`); leave it at 1.0 and pass the strength to
+    `set_adapters` instead wherever that works. On failure the adapter is removed again (diffusers itself
+    drops a slot whose hot-swap failed).
     """
     started = time.perf_counter()
     try:
-        # A copy: diffusers pops alpha entries from the dict it is handed.
-        pipe.load_lora_weights(dict(prepared.state_dict), adapter_name=adapter_name, hotswap=hotswap)
+        # A fresh dict either way: diffusers pops alpha entries from the dict it is handed.
+        pipe.load_lora_weights(prepared.scaled(scale), adapter_name=adapter_name, hotswap=hotswap)
         verify_loaded(pipe, prepared, adapter_name)
     except Exception as error:
         _remove_quietly(pipe, adapter_name)

@@ -1,0 +1,205 @@
+"""LoRA costs on the tiny profile: adapter load and switch times, and what grouping rows by adapter saves.
+
+    PYTHONPATH=. python bench/lora_switch.py [--repeats 7] [--rows 200] [--size 128] [--steps 2] [--pool 4]
+
+(PYTHONPATH only while the package is not pip-installed.)
+
+Part 1 prints medians over `--repeats` for rank 8 and rank 64 adapters on the tiny transformer:
+- read+check: reading the file, safetensors parsing, diffusers' key conversion and the shape checks;
+- load: `load_lora_weights` plus the after-load check (what the pool counts as load_ms);
+- switch: `set_adapters` to another loaded adapter (pool switch_ms), and back to the base model.
+
+Part 2 runs a shuffled manifest (`--rows` rows, 5 tenants x 2 regions = 10 adapters) through one generator and
+one LoraPool (`--pool` adapters), in batches of `--batch`, two ways: in manifest order, and with rows sorted by
+adapter within windows of `--window` rows. A batch that mixes adapters becomes one pipeline call per adapter
+(diffusers cannot mix adapters in a call). It prints calls, switches, loads, rows/s and the ratio. Run
+in-process, without Ray: this is the per-batch cost grouping removes, not the whole job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+
+import structlog
+
+from factory.model.generator import FluxGenerator, GenerationParams
+from factory.model.lora import AdapterRef, LoraPool, create_lora
+from factory.model.lora.safe_load import prepare_adapter, read_adapter
+from factory.model.profiles import get_profile
+from factory.logs import quiet_library_noise
+from factory.model.stack import resolve_sources
+
+TENANTS = ("acme", "globex", "initech", "umbrella", "hooli")
+REGIONS = ("eu", "na")
+PROMPTS = ("a red bicycle", "a bowl of fruit", "summer sale, bold colors", "a cat on a sofa", "mountains at dawn")
+
+
+@dataclass(frozen=True)
+class Row:
+    index: int
+    adapter: AdapterRef
+    params: GenerationParams
+
+
+@dataclass(frozen=True)
+class RunResult:
+    rows: int
+    calls: int
+    switches: int
+    loads: int
+    evictions: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds
+
+
+def median_ms(values: list[float]) -> float:
+    return round(statistics.median(values), 2)
+
+
+# ---- part 1: load and switch ------------------------------------------------------------------------------
+
+
+def load_and_switch(generator: FluxGenerator, folder: Path, rank: int, repeats: int) -> dict[str, float]:
+    transformer = generator.pipe.transformer
+    refs = [AdapterRef(key=f"bench/r{rank}-{i}", uri=str(create_lora(folder / f"r{rank}-{i}.safetensors",
+                                                                       transformer=transformer, rank=rank,
+                                                                       alpha=rank, seed=i)))
+            for i in range(2)]
+    read_check, load, switch, to_base = [], [], [], []
+    pool = LoraPool(generator.pipe, max_adapters=2)
+    for _ in range(repeats):
+        started = time.perf_counter()
+        prepare_adapter(read_adapter(refs[0].uri), generator.pipe)
+        read_check.append((time.perf_counter() - started) * 1000)
+        pool.ensure_loaded(refs[0])
+        load.append(pool.stats()["load_ms_last"])
+        pool.evict(refs[0].key)
+    for ref in refs:
+        pool.ensure_loaded(ref)
+    for i in range(2 * repeats):
+        pool.activate(refs[i % 2])
+        switch.append(pool.stats()["switch_ms_last"])
+        if i % 2:
+            pool.activate(None)
+            to_base.append(pool.stats()["switch_ms_last"])
+    pool.clear()
+    return {"read+check": median_ms(read_check), "load": median_ms(load), "switch": median_ms(switch),
+            "to base": median_ms(to_base)}
+
+
+# ---- part 2: shuffled vs grouped --------------------------------------------------------------------------
+
+
+def manifest(adapters: list[AdapterRef], rows: int, size: int, steps: int, seed: int = 0) -> list[Row]:
+    rng = random.Random(seed)
+    return [
+        Row(i, rng.choice(adapters), GenerationParams(prompt=rng.choice(PROMPTS), seed=i, steps=steps, width=size,
+                                                      height=size, guidance=3.5))
+        for i in range(rows)
+    ]
+
+
+def group_within_windows(rows: list[Row], window: int) -> list[Row]:
+    """Rows sorted by adapter inside each window of `window` rows; the windows keep manifest order, which
+    bounds how far a row moves (and so how much the job must hold in flight)."""
+    grouped: list[Row] = []
+    for start in range(0, len(rows), window):
+        grouped.extend(sorted(rows[start : start + window], key=lambda row: (row.adapter.key, row.index)))
+    return grouped
+
+
+def plan_calls(rows: list[Row], batch_size: int) -> list[list[Row]]:
+    """Batches of `batch_size` consecutive rows, each split into one pipeline call per run of one adapter."""
+    calls: list[list[Row]] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        calls.extend(list(run) for _, run in groupby(batch, key=lambda row: row.adapter.key))
+    return calls
+
+
+def run_calls(generator: FluxGenerator, pool: LoraPool, calls: list[list[Row]]) -> RunResult:
+    """The per-batch cost in-process: activate the call's adapter, generate its rows."""
+    started = time.perf_counter()
+    for call in calls:
+        with pool.use(call[0].adapter):
+            generator.generate([row.params for row in call])
+    seconds = time.perf_counter() - started
+    stats = pool.stats()
+    return RunResult(sum(len(c) for c in calls), len(calls), stats["switches"], stats["loads"], stats["evictions"],
+                     seconds)
+
+
+def shuffled_vs_grouped(generator: FluxGenerator, folder: Path, args: argparse.Namespace) -> dict[str, RunResult]:
+    transformer = generator.pipe.transformer
+    adapters = [
+        AdapterRef(key=f"{tenant}/{region}", uri=str(create_lora(folder / f"{tenant}-{region}.safetensors",
+                                                                 transformer=transformer, rank=8, alpha=8, seed=i)))
+        for i, (tenant, region) in enumerate((t, r) for t in TENANTS for r in REGIONS)
+    ]
+    rows = manifest(adapters, args.rows, args.size, args.steps)
+    orders = {"shuffled": rows, "grouped": group_within_windows(rows, args.window)}
+    results = {}
+    for name, ordered in orders.items():
+        pool = LoraPool(generator.pipe, max_adapters=args.pool)  # cold for both, same bound
+        results[name] = run_calls(generator, pool, plan_calls(ordered, args.batch))
+        pool.clear()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions for load/switch medians")
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--pool", type=int, default=4, help="max adapters held by the pool")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    quiet_library_noise()
+    import diffusers
+
+    # diffusers notes on every load that these adapters have no text-encoder layers; true and expected here.
+    diffusers.utils.logging.set_verbosity_error()
+
+    profile = get_profile("tiny")
+    source, _, _ = resolve_sources(profile)
+    generator = FluxGenerator.from_pretrained(source, profile.generator)
+    warm = [GenerationParams(prompt="warm up", seed=0, steps=args.steps, width=args.size, height=args.size,
+                             guidance=3.5)] * args.batch
+    for _ in range(3):  # first calls pay one-off allocation and kernel selection costs
+        generator.generate(warm)
+
+    with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
+        folder = Path(tmp)
+        print(f"tiny profile, {args.repeats} repetitions, medians in ms")
+        print(f"{'rank':>5} {'read+check':>11} {'load':>8} {'switch':>8} {'to base':>8}")
+        for rank in (8, 64):
+            row = load_and_switch(generator, folder, rank, args.repeats)
+            print(f"{rank:>5} {row['read+check']:>11} {row['load']:>8} {row['switch']:>8} {row['to base']:>8}")
+
+        results = shuffled_vs_grouped(generator, folder, args)
+    print(f"\n{args.rows} rows, {len(TENANTS)} tenants x {len(REGIONS)} regions, batch {args.batch}, "
+          f"window {args.window}, pool {args.pool}, {args.size}x{args.size}, {args.steps} steps")
+    print(f"{'order':>9} {'calls':>6} {'switches':>9} {'loads':>6} {'evictions':>10} {'seconds':>8} {'rows/s':>7}")
+    for name, result in results.items():
+        print(f"{name:>9} {result.calls:>6} {result.switches:>9} {result.loads:>6} {result.evictions:>10} "
+              f"{result.seconds:>8.2f} {result.rows_per_s:>7.1f}")
+    ratio = results["grouped"].rows_per_s / results["shuffled"].rows_per_s
+    print(f"grouped / shuffled rows/s: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,8 @@ from factory.errors import FactoryError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Batch content factory: manifests in, content out.")
 models_app = typer.Typer(no_args_is_help=True, help="Build and list model profiles.")
 app.add_typer(models_app, name="models")
+lora_app = typer.Typer(no_args_is_help=True, help="Make LoRA adapter files.")
+app.add_typer(lora_app, name="lora")
 
 ProfileOption = Annotated[str, typer.Option("--profile", "-p", help="Model profile (see `factory models list`)")]
 
@@ -50,22 +52,12 @@ def _configure_logging() -> None:
     configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "warning"))
 
 
-def _run_single(row: dict, profile: str):
-    """One request through the same parser and executor the replicas use, in this process."""
-    from factory.model.stack import ModelStack
-    from factory.routing.executor import TaskExecutor
-    from factory.routing.local import load_request_image, profile_defaults
-    from factory.routing.parser import parse_request
-    from factory.safety.policy import SafetyChecker, SafetyPolicy
+def _run_single(row: dict, profile: str, tenants: Path | None = None):
+    """One request through the same parser, registry, adapter pool and executor the replicas use."""
+    from factory.routing.local import run_local
 
     _configure_logging()
-    from factory.model.profiles import get_profile
-
-    resolved = get_profile(profile)
-    request = parse_request(row, profile_defaults(resolved))
-    image = load_request_image(request)
-    stack = ModelStack.from_profile(resolved)
-    result = TaskExecutor(stack, SafetyChecker(SafetyPolicy())).run([request], [image])[0]
+    result = run_local(row, profile, tenants)
     if result.error:
         raise FactoryError(result.error)
     if result.status.value == "blocked":
@@ -84,15 +76,21 @@ def generate(
     height: Annotated[Optional[int], typer.Option(help="Multiple of 16")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale")] = None,
     profile: ProfileOption = "tiny",
+    tenants: Annotated[Optional[Path], typer.Option(help="Tenants registry YAML (adapters per tenant/region)")] = None,
+    tenant: Annotated[str, typer.Option(help="Tenant whose adapters apply")] = "cli",
+    region: Annotated[Optional[str], typer.Option(help="Region: picks the tenant's region adapter")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="Adapter name from the tenant's list")] = None,
 ):
     """Generate one image from a prompt."""
-    row = {"id": "cli", "tenant": "cli", "task": "generate", "prompt": prompt, "seed": seed, "steps": steps,
-           "width": width, "height": height, "guidance": guidance}
-    result = _run_single(row, profile)
+    if region is not None and adapter is not None:
+        raise FactoryError("use --region or --adapter, not both")
+    row = {"id": "cli", "tenant": tenant, "task": "generate", "prompt": prompt, "seed": seed, "steps": steps,
+           "width": width, "height": height, "guidance": guidance, "region": region, "adapter": adapter}
+    result = _run_single(row, profile, tenants)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(result.image_png or b"")
     typer.echo(f"{output}  seed={result.seed} steps={result.steps} {result.width}x{result.height} "
-               f"{result.latency_ms:.0f} ms")
+               f"adapter={result.adapter or 'base'} {result.latency_ms:.0f} ms")
 
 
 @app.command()
@@ -198,6 +196,26 @@ def models_list():
         typer.echo(f"{'':14} generator: {profile.generator.source} ({profile.generator.dtype}, "
                    f"{profile.generator.steps} steps, {profile.generator.width}x{profile.generator.height})")
         typer.echo(f"{'':14} vlm:       {profile.vlm.source} ({profile.vlm.dtype})")
+
+
+@lora_app.command("create")
+@one_line_errors
+def lora_create(
+    output: Annotated[Path, typer.Argument(metavar="OUT.safetensors", help="Adapter file to write")],
+    rank: Annotated[int, typer.Option(min=1, max=512)] = 8,
+    alpha: Annotated[float, typer.Option(min=0.0)] = 16,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    profile: ProfileOption = "tiny",
+    format: Annotated[str, typer.Option("--format", help="diffusers | kohya")] = "diffusers",
+):
+    """Write a valid random-init LoRA for a profile's transformer (attention projections)."""
+    from factory.model.lora import create_lora_for_profile
+
+    if format not in ("diffusers", "kohya"):
+        raise FactoryError(f"--format: {format!r} is not one of diffusers, kohya")
+    _configure_logging()
+    path = create_lora_for_profile(output, profile, rank=rank, alpha=alpha, seed=seed, format=format)
+    typer.echo(f"{path}  rank={rank} alpha={alpha:g} format={format} {path.stat().st_size / 1e3:.1f} kB")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m factory`

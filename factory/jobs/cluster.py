@@ -44,7 +44,7 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
-def deploy(spec, app_name: str) -> None:
+def deploy(spec, app_name: str, registry=None) -> None:
     """Deploy (or update in place) the replica app for this job's profile and sizing."""
     from ray import serve
 
@@ -53,7 +53,8 @@ def deploy(spec, app_name: str) -> None:
     config = ReplicaConfig(
         profile=spec.profile, max_batch_size=spec.serve.max_batch_size,
         batch_wait_timeout_s=spec.serve.batch_wait_timeout_s, threads=max(1, int(spec.serve.num_cpus)),
-        safety=spec.safety,
+        safety=spec.safety, max_adapters=spec.serve.max_adapters, max_adapter_bytes=spec.serve.max_adapter_bytes,
+        adapters={ref.key: ref for ref in registry.adapters()} if registry is not None else {},
     )
     app = build_replica_app(
         config, replicas=spec.serve.replicas, num_cpus=spec.serve.num_cpus, num_gpus=spec.serve.num_gpus,

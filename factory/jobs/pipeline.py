@@ -24,6 +24,9 @@ from factory.routing.parser import GenerationDefaults
 log = structlog.get_logger(__name__)
 
 
+ROW_BLOCK_BYTES = 16 * 1024
+
+
 class JobAborted(FactoryError):
     """The error budget ran out; what was committed stays committed."""
 
@@ -77,7 +80,8 @@ def run_job(spec, run_id: str | None = None, address: str | None = None, show_pr
     from factory.jobs.cluster import connect, deploy
     from factory.jobs.ledger import RowLedger
     from factory.jobs.manifests import expand_manifest_uris
-    from factory.jobs.stages import CallReplicas, read_manifests, validate_rows
+    from factory.jobs.stages import CallReplicas, order_by_adapter, read_manifests, validate_rows
+    from factory.routing.tenants import TenantRegistry
 
     run_id = run_id or spec.name
     storage = Storage()
@@ -93,20 +97,27 @@ def run_job(spec, run_id: str | None = None, address: str | None = None, show_pr
     run_log.info("run starting", manifests=len(manifests), rows=total_rows, already_committed=len(committed_rows),
                  output=layout.root)
 
+    registry = TenantRegistry.from_file(spec.tenants) if spec.tenants else None
     connect(address)
     app_name = spec.serve.app_name
-    deploy(spec, app_name)
+    deploy(spec, app_name, registry)
     ctx = RunContext(
         job=spec.name, run_id=run_id, layout=layout, storage=storage, defaults=generation_defaults(spec),
         allow_http=spec.allow_http, app_name=app_name, in_flight=spec.in_flight, row_timeout_s=spec.row_timeout_s,
+        registry=registry,
     )
     ledger = ray.remote(RowLedger).options(num_cpus=0).remote(committed_rows, committed_rejects)
 
+    # Rows are a few hundred bytes of JSON. With Ray Data's default 128 MiB blocks a whole manifest would be
+    # one block, and results would reach the driver (and be committed) only when all of it was done; small
+    # blocks stream them back as they finish, and bound what a crash can lose.
+    ray.data.DataContext.get_current().target_max_block_size = ROW_BLOCK_BYTES
     dataset = (
         ray.data.from_items([{"uri": uri} for uri in manifests], override_num_blocks=max(1, len(manifests)))
         .map_batches(read_manifests, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=0.25)
         .map_batches(validate_rows, batch_size=spec.batch_size * 4, fn_kwargs={"ctx": ctx, "ledger": ledger},
                      num_cpus=0.25)
+        .map_batches(order_by_adapter, batch_size=spec.adapter_window, num_cpus=0.1)
         .map_batches(CallReplicas, batch_size=spec.batch_size, fn_constructor_kwargs={"ctx": ctx},
                      concurrency=spec.callers, num_cpus=0.1)
     )

@@ -68,6 +68,13 @@ class ServeConfig(_Section):
     batch_wait_timeout_s: float = Field(
         default=0.05, ge=0, description="How long a replica waits to fill a batch before running a smaller one"
     )
+    max_adapters: int = Field(
+        default=4, ge=1, description="LoRA adapters a replica keeps loaded (LRU); also Serve's "
+        "max_num_models_per_replica, so requests go to replicas that already hold their adapter"
+    )
+    max_adapter_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="Bytes of LoRA weights a replica keeps loaded (LRU)"
+    )
 
 
 class ErrorBudget(_Section):
@@ -119,6 +126,10 @@ class JobSpec(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serve deployment of the model replicas")
     in_flight: int = Field(default=8, ge=1, description="Most requests the pipeline keeps in flight to the replicas")
     batch_size: int = Field(default=8, ge=1, description="Rows per Ray Data batch")
+    adapter_window: int = Field(
+        default=64, ge=1, description="Rows are ordered by adapter within windows of this many, so replicas "
+        "switch adapters far less often than a shuffled manifest would make them (1 keeps manifest order)"
+    )
     callers: int = Field(
         default=1, ge=1, description="Ray Data actors calling the replicas; each keeps up to in_flight requests going"
     )

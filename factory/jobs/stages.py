@@ -23,13 +23,13 @@ import structlog
 from factory.errors import FactoryError, InputError
 from factory.jobs.sinks import OutputLayout
 from factory.jobs.storage import Storage
-from factory.routing.parser import GenerationDefaults, RequestError, parse_request
+from factory.routing.parser import GenerationDefaults, RequestError, parse_request, with_adapter
 from factory.routing.requests import Status, TaskRequest, TaskResult
 
 log = structlog.get_logger(__name__)
 
 RECORD, REQUEST, REJECT, RESULT = "record", "request", "reject", "result"
-READ_CHUNK_ROWS = 256
+READ_CHUNK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class RunContext:
     app_name: str
     in_flight: int
     row_timeout_s: float = 600.0
+    registry: Any = None  # a factory.routing.tenants.TenantRegistry, or None: every row runs the base model
 
 
 def _batch(kinds: list[str], payloads: list[str]) -> dict[str, np.ndarray]:
@@ -129,7 +130,7 @@ def validate_rows(batch: dict[str, np.ndarray], ctx: RunContext, ledger) -> dict
                                            reject.id, tenant), source_key(manifest, line)))
             continue
         try:
-            request = parse_request(row, ctx.defaults)
+            request = with_adapter(parse_request(row, ctx.defaults), ctx.registry)
         except RequestError as error:
             out.append((REJECT, reject_row(ctx, manifest, line, error.field, error.reason, raw, row.id, row.tenant),
                         source_key(manifest, line)))
@@ -151,6 +152,19 @@ def validate_rows(batch: dict[str, np.ndarray], ctx: RunContext, ledger) -> dict
     fresh = iter(ray.get(ledger.new_rejects.remote(reject_keys)) if reject_keys else [])
     kept = [(kind, payload) for kind, payload, _ in out if kind != REJECT or next(fresh)]
     return _batch([k for k, _ in kept], [p for _, p in kept])
+
+
+def order_by_adapter(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Within one window of rows, put requests for the same adapter next to each other (stable), so the
+    replicas' batches share adapters and switch far less often than manifest order would make them."""
+    def adapter_of(item: tuple[str, str]) -> str:
+        kind, payload = item
+        if kind != REQUEST:
+            return ""
+        return json.loads(payload)["request"].get("adapter") or ""
+
+    rows = sorted(zip(batch["kind"], batch["payload"]), key=adapter_of)
+    return _batch([k for k, _ in rows], [p for _, p in rows])
 
 
 class CallReplicas:

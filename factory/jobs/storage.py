@@ -380,12 +380,21 @@ def _walk_sorted(root: str, keep: Any) -> Iterator[str]:
             yield entry.path
 
 
+def _current_umask() -> int:
+    # Reading the umask means setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_temp(path: str, data: bytes) -> str:
     """Write `data` to a hidden temp file beside `path` (same filesystem, so rename/link is atomic)."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); outputs get the permissions any new file would get.
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
     except BaseException:

@@ -51,12 +51,39 @@ def safety_fields(verdict) -> dict:
     }
 
 
+class _TimedSafety:
+    """A SafetyChecker that adds up the time spent in it, so results can say what safety costs a row."""
+
+    def __init__(self, checker):
+        self.checker = checker
+        self.seconds = 0.0
+
+    def _timed(self, method, *args):
+        started = time.perf_counter()
+        try:
+            return method(*args)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def check_prompts(self, *args):
+        return self._timed(self.checker.check_prompts, *args)
+
+    def check_images(self, *args):
+        return self._timed(self.checker.check_images, *args)
+
+    def check_inputs(self, *args):
+        return self._timed(self.checker.check_inputs, *args)
+
+    def should_answer(self, verdict) -> bool:
+        return self.checker.should_answer(verdict)
+
+
 class TaskExecutor:
     """Stateless over a stack: `run` takes a batch and returns one result per request, in order."""
 
     def __init__(self, stack: ModelStack, safety=None):
         self.stack = stack
-        self.safety = safety  # a factory.safety.SafetyChecker, or None to record no verdicts
+        self.safety = _TimedSafety(safety) if safety is not None else None
 
     def run(self, requests: Sequence[TaskRequest], images: Sequence[Image.Image | None]) -> list[TaskResult]:
         results: list[TaskResult | None] = [None] * len(requests)
@@ -67,6 +94,7 @@ class TaskExecutor:
             batch = [requests[i] for i in indices]
             batch_images = [images[i] for i in indices]
             started = time.perf_counter()
+            safety_before = self.safety.seconds if self.safety else 0.0
             try:
                 produced = call(batch, batch_images)
             except Exception as error:  # a model failure fails its rows, never the whole batch's other tasks
@@ -76,8 +104,10 @@ class TaskExecutor:
                     for r in batch
                 ]
             per_row_ms = (time.perf_counter() - started) * 1000 / len(batch)
+            safety_ms = ((self.safety.seconds if self.safety else 0.0) - safety_before) * 1000 / len(batch)
             for index, result in zip(indices, produced, strict=True):
                 result.latency_ms = round(per_row_ms, 3)
+                result.safety_ms = round(safety_ms, 3) if self.safety else None
                 results[index] = result
         return results  # type: ignore[return-value]
 

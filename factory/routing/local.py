@@ -21,3 +21,29 @@ def load_request_image(request: TaskRequest, allow_http: bool = False) -> Image.
     from factory.jobs.storage import Storage
 
     return load_image(request.image, Storage(), allow_http=allow_http)
+
+
+def run_local(row: dict, profile_name: str, tenants=None):
+    """One row in this process: parse, resolve its adapter, check safety, run: the replica's path, minus Ray."""
+    from factory.jobs.storage import Storage
+    from factory.model.lora import LoraPool
+    from factory.model.profiles import get_profile
+    from factory.model.stack import ModelStack
+    from factory.routing.executor import TaskExecutor
+    from factory.routing.parser import parse_request, with_adapter
+    from factory.routing.tenants import TenantRegistry
+    from factory.safety.policy import SafetyChecker, SafetyPolicy
+
+    profile = get_profile(profile_name)
+    registry = TenantRegistry.from_file(tenants) if tenants else None
+    request = with_adapter(parse_request(row, profile_defaults(profile)), registry)
+    image = load_request_image(request)
+    stack = ModelStack.from_profile(profile)
+    executor = TaskExecutor(stack, SafetyChecker(SafetyPolicy()))
+    ref = registry.lookup(request.adapter) if registry is not None and request.adapter else None
+    pool = LoraPool(stack.generator.pipe, max_adapters=1, storage=Storage())
+    with pool.use(ref) as loaded:
+        result = executor.run([request], [image])[0]
+    if loaded is not None:
+        result.adapter_sha256 = loaded.sha256
+    return result

@@ -116,3 +116,19 @@ def parse_request(raw: dict[str, Any] | RowInput, defaults: GenerationDefaults) 
 
     instruction = _strip_prefix(row.prompt or "", DESCRIBE_PREFIX) or None
     return TaskRequest(**common, prompt=instruction, image=row.image)
+
+
+def with_adapter(request: TaskRequest, registry) -> TaskRequest:
+    """Resolve the row's tenant, region and adapter name against the tenants registry (if any).
+
+    Generation rows carry the adapter's multiplexed id (`tenant/name`); caption and VQA rows never use an
+    adapter (LoRAs style the generator only), but their tenant must still be known to the registry.
+    """
+    from factory.routing.tenants import TenantError, resolve_adapter
+
+    try:
+        ref = resolve_adapter(registry, request.tenant, request.region, request.adapter)
+    except TenantError as error:
+        raise RequestError(error.field, str(error).removeprefix(f"{error.field}: ")) from None
+    key = ref.key if ref is not None and request.task is Task.GENERATE else None
+    return request.model_copy(update={"adapter": key})

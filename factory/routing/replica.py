@@ -14,7 +14,8 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from factory.errors import InputError
+from factory.errors import FactoryError, InputError
+from factory.model.lora.ref import AdapterRef
 from factory.safety.policy import SafetyPolicy
 from factory.routing.requests import Status, TaskRequest, TaskResult
 
@@ -35,6 +36,11 @@ class ReplicaConfig(BaseModel):
     threads: int = Field(default=1, ge=1, description="torch intra-op threads (the replica's CPUs)")
     max_input_pixels: int = Field(default=40_000_000, ge=1, description="Decompression-bomb cap for inputs")
     safety: SafetyPolicy = Field(default_factory=SafetyPolicy, description="Checks run before results leave")
+    adapters: dict[str, AdapterRef] = Field(
+        default_factory=dict, description="Every adapter a request may name, by multiplexed id (tenant/name)"
+    )
+    max_adapters: int = Field(default=4, ge=1, description="Adapters kept loaded per replica (LRU)")
+    max_adapter_bytes: int = Field(default=2 * 1024**3, ge=1, description="Adapter bytes kept loaded (LRU)")
 
 
 class ReplicaCall(BaseModel):
@@ -55,6 +61,8 @@ class StackReplica:
 
         from factory.logs import configure_logging
         from factory.model.stack import ModelStack
+        from factory.jobs.storage import Storage
+        from factory.model.lora import LoraPool
         from factory.routing.executor import TaskExecutor
         from factory.safety.policy import SafetyChecker
 
@@ -65,19 +73,53 @@ class StackReplica:
         self.safety = SafetyChecker(self.config.safety)
         self.safety.load()  # a policy naming labels its detector lacks fails the deploy, not the rows
         self.executor = TaskExecutor(self.stack, self.safety)
+        self.pool = LoraPool(
+            self.stack.generator.pipe, max_adapters=self.config.max_adapters,
+            max_bytes=self.config.max_adapter_bytes, storage=Storage(),
+        )
         self.run_batch.set_max_batch_size(self.config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+        async def load_adapter(adapter_id: str) -> str:
+            # Serve's multiplexing keeps the ids this replica holds, so the router sends a request to a
+            # replica that already has its adapter; the pool does the loading and its own LRU bounds.
+            await asyncio.to_thread(self.ensure_adapter, adapter_id)
+            return adapter_id
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.config.max_adapters)(load_adapter)
 
     async def __call__(self, call: ReplicaCall | dict) -> TaskResult:
         return await self.run_batch(ReplicaCall.model_validate(call))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def run_batch(self, calls: list[ReplicaCall]) -> list[TaskResult]:
+        # Serve splits batches by multiplexed id: every call here names the same adapter (or the base model).
+        adapter_id = serve.get_multiplexed_model_id() or BASE_ADAPTER
+        try:
+            await self.get_adapter(adapter_id)
+        except FactoryError as error:
+            return [self._refused(call.request, f"adapter {adapter_id}: {error}") for call in calls]
         # The model call blocks for the whole batch; a worker thread keeps the replica's event loop free
         # for health checks and for queueing the next batch.
-        return await asyncio.to_thread(self.run_calls, calls)
+        return await asyncio.to_thread(self.run_calls, calls, adapter_id)
 
-    def run_calls(self, calls: list[ReplicaCall]) -> list[TaskResult]:
+    def ensure_adapter(self, adapter_id: str):
+        if adapter_id == BASE_ADAPTER:
+            return None
+        ref = self.config.adapters.get(adapter_id)
+        if ref is None:
+            raise InputError("not in this deployment's tenants registry")
+        return self.pool.ensure_loaded(ref)
+
+    def adapter_stats(self) -> dict:
+        return self.pool.stats()
+
+    def _refused(self, request: TaskRequest, error: str) -> TaskResult:
+        from factory.routing.executor import base_result
+
+        return base_result(request, self.stack, status=Status.REJECTED, error=error)
+
+    def run_calls(self, calls: list[ReplicaCall], adapter_id: str = BASE_ADAPTER) -> list[TaskResult]:
         from factory.jobs.fetch import decode_image
         from factory.routing.executor import base_result
 
@@ -97,8 +139,17 @@ class StackReplica:
                     continue
             runnable.append(index)
             images.append(image)
-        produced = self.executor.run([calls[i].request for i in runnable], images)
+        ref = None if adapter_id == BASE_ADAPTER else self.config.adapters[adapter_id]
+        try:
+            # Exactly one adapter is active for the whole library call, none for base rows.
+            with self.pool.use(ref) as loaded:
+                produced = self.executor.run([calls[i].request for i in runnable], images)
+        except FactoryError as error:  # the adapter was evicted and could not be loaded again
+            produced = [self._refused(calls[i].request, f"adapter {adapter_id}: {error}") for i in runnable]
+            loaded = None
         for index, result in zip(runnable, produced, strict=True):
+            if loaded is not None:
+                result.adapter, result.adapter_sha256 = loaded.key, loaded.sha256
             results[index] = result
         return results  # type: ignore[return-value]
 

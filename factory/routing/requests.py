@@ -142,7 +142,8 @@ class TaskResult(BaseModel):
     width: int | None = None
     height: int | None = None
     guidance: float | None = None
-    latency_ms: float | None = None
+    latency_ms: float | None = Field(default=None, description="Model time of the row's batch / rows in it")
+    safety_ms: float | None = Field(default=None, description="Part of latency_ms spent on safety checks")
     error: str | None = None
     safety_verdict: str | None = Field(default=None, description="pass | blocked | quarantined")
     safety_decided_by: str | None = Field(default=None, description="prompt_filter | image_detector")

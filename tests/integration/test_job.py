@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 CATALOG = REPO / "jobs" / "catalog.yaml"
 EXPECTED_REJECTS = {  # manifest row id (or None) -> field the reject names
     "bad-width": "width", "bad-task": "task", None: "row", "bad-no-image": "image", "umbrella-bad-1": "seed",
-    "acme-eu-001": "id",
+    "acme-eu-001": "id", "bad-tenant": "tenant", "bad-adapter": "adapter",
 }
 
 
@@ -43,11 +43,17 @@ def check_catalog_output(storage: Storage, root: str) -> None:
     layout = OutputLayout(root)
     results = results_of(storage, root)
     ids = [row["id"] for row in results]
-    assert len(ids) == len(set(ids)) == 25
+    assert len(ids) == len(set(ids)) == 26
     statuses = {}
     for row in results:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-    assert statuses == {"ok": 24, "rejected": 1}
+    assert statuses == {"ok": 25, "rejected": 1}
+    by_id = {row["id"]: row for row in results}
+    # Each row ran with exactly its adapter: region adapter, explicit name, tenant default, or none.
+    assert by_id["acme-eu-002"]["adapter"] == "acme/eu-minimal" and by_id["acme-na-004"]["adapter"] == "acme/na-contrast"
+    assert by_id["acme-eu-brand"]["adapter"] == "acme/brand" and by_id["globex-eu-007"]["adapter"] == "globex/brand"
+    assert by_id["initech-na-013"]["adapter"] is None and by_id["acme-cap-001"]["adapter"] is None
+    assert len(by_id["acme-eu-002"]["adapter_sha256"]) == 64
     missing = next(row for row in results if row["id"] == "bad-missing-image")
     assert missing["status"] == "rejected" and "no such file" in missing["error"]
 
@@ -57,7 +63,7 @@ def check_catalog_output(storage: Storage, root: str) -> None:
 
     # An image for every ok generation row, at the key its row names, and for no other row.
     expected_images = {row["image_uri"] for row in results if row["task"] == "generate" and row["status"] == "ok"}
-    assert len(expected_images) == 18 and None not in expected_images
+    assert len(expected_images) == 19 and None not in expected_images
     assert all(row["image_uri"] is None for row in results if row["task"] != "generate")
     assert set(storage.list_files(storage.join(root, "images"))) == expected_images
     seeded = next(row for row in results if row["id"] == "initech-gen-seeded")
@@ -81,8 +87,8 @@ def check_catalog_output(storage: Storage, root: str) -> None:
 
     assert storage.exists(layout.success)
     summary = json.loads(storage.read_bytes(layout.summary))
-    assert (summary["rows"], summary["rejects"], summary["images"]) == (25, 6, 18)
-    assert summary["by_status"] == {"ok": 24, "rejected": 1}
+    assert (summary["rows"], summary["rejects"], summary["images"]) == (26, 8, 19)
+    assert summary["by_status"] == {"ok": 25, "rejected": 1}
     assert set(summary["tenants"]) == {"acme", "globex", "initech", "umbrella"}
     assert summary["tenants"]["acme"]["compute_seconds"] > 0
 
@@ -110,6 +116,11 @@ def test_catalog_on_s3_over_http(ray_cluster, s3_endpoint, tmp_path):
     for path in data.rglob("*"):
         if path.is_file():
             storage.write_bytes(f"{bucket}/in/{path.relative_to(data).as_posix()}", path.read_bytes())
+    # The registry stays a local file; the adapters it names are on S3.
+    for path in (REPO / "jobs" / "adapters").glob("*.safetensors"):
+        storage.write_bytes(f"{bucket}/adapters/{path.name}", path.read_bytes())
+    registry = (REPO / "jobs" / "tenants.yaml").read_text().replace("uri: adapters/", f"uri: {bucket}/adapters/")
+    (tmp_path / "tenants.yaml").write_text(registry)
     spec_path = tmp_path / "catalog.yaml"
     spec_path.write_text(CATALOG.read_text())
     spec = load_spec(spec_path, [f"inputs=['{bucket}/in/']", f"output={bucket}/out"])

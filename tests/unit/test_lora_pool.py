@@ -38,8 +38,8 @@ def generator(tiny_path) -> FluxGenerator:
 def adapters(generator, tmp_path_factory) -> dict[str, AdapterRef]:
     folder = tmp_path_factory.mktemp("pool-adapters")
     transformer = generator.pipe.transformer
-    specs = {"a": dict(rank=8, alpha=16, seed=1), "b": dict(rank=4, alpha=4, seed=2), "c": dict(rank=8, alpha=8, seed=3),
-             "qk": dict(rank=4, alpha=8, seed=4, target_modules=TARGETS_QK)}
+    specs = {"a": dict(rank=8, alpha=16, seed=1), "b": dict(rank=4, alpha=4, seed=2),
+             "c": dict(rank=8, alpha=8, seed=3), "qk": dict(rank=4, alpha=8, seed=4, target_modules=TARGETS_QK)}
     return {name: AdapterRef(key=f"acme/{name}", uri=str(create_lora(folder / f"{name}.safetensors",
                                                                       transformer=transformer, **spec)))
             for name, spec in specs.items()}
@@ -200,8 +200,9 @@ def test_hotswap_refuses_what_would_not_fit_the_slot_before_touching_it(tiny_pat
     generator = load_generator(tiny_path)
     lora = LoraPool(generator.pipe, max_adapters=1, hotswap_rank=4)
     lora.activate(adapters["qk"])  # the first adapter fixes the slot's layers: to_q and to_k only
-    big = AdapterRef(key="acme/big", uri=str(create_lora(tmp_path / "big.safetensors", transformer=generator.pipe.transformer,
-                                                          rank=16, alpha=16, target_modules=TARGETS_QK)))
+    path = create_lora(tmp_path / "big.safetensors", transformer=generator.pipe.transformer, rank=16, alpha=16,
+                       target_modules=TARGETS_QK)
+    big = AdapterRef(key="acme/big", uri=str(path))
     with pytest.raises(AdapterError, match="rank 16 exceeds the pool's hot-swap rank 4"):
         lora.activate(big)
     with pytest.raises(AdapterError, match="targets layers no hot-swap slot has"):

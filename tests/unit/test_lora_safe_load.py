@@ -34,6 +34,12 @@ class CreatesMarker:
 
 @pytest.fixture(scope="module")
 def generator(tiny_path) -> FluxGenerator:
+    """Never has an adapter loaded: tests that load one successfully use `fresh`."""
+    return FluxGenerator.from_pretrained(tiny_path / "flux", get_profile("tiny").generator)
+
+
+@pytest.fixture
+def fresh(tiny_path) -> FluxGenerator:
     return FluxGenerator.from_pretrained(tiny_path / "flux", get_profile("tiny").generator)
 
 
@@ -184,7 +190,6 @@ def test_key_level_refusals(generator, base_pixels, tmp_path):
 
 
 def test_sha256_is_checked_and_size_is_capped(generator, base_pixels, adapter):
-    digest = hashlib.sha256(adapter.read_bytes()).hexdigest()
     with pytest.raises(AdapterError, match="sha256 mismatch"):
         read_adapter(str(adapter), sha256="0" * 64)
     with pytest.raises(AdapterError, match="larger than the 1000 byte limit"):
@@ -193,12 +198,14 @@ def test_sha256_is_checked_and_size_is_capped(generator, base_pixels, adapter):
     with pytest.raises(AdapterError, match="byte limit"):
         pool.ensure_loaded(AdapterRef(key="t/big", uri=str(adapter)))
     assert_untouched(generator, base_pixels)
-    # The right digest loads, and the pool reports the digest it checked.
-    pool = LoraPool(generator.pipe)
+
+def test_the_right_digest_loads_and_is_reported(fresh, adapter):
+    digest = hashlib.sha256(adapter.read_bytes()).hexdigest()
+    pool = LoraPool(fresh.pipe)
     loaded = pool.ensure_loaded(AdapterRef(key="t/good", uri=str(adapter), sha256=digest))
     assert loaded.sha256 == digest
     pool.clear()
-    assert loaded_adapter_names(generator.pipe) == set()
+    assert loaded_adapter_names(fresh.pipe) == set()
 
 
 def test_missing_files_and_unknown_schemes_are_input_errors(tmp_path):
@@ -210,20 +217,20 @@ def test_missing_files_and_unknown_schemes_are_input_errors(tmp_path):
         read_adapter("s3://bucket/a.safetensors")
 
 
-def test_a_text_encoder_lora_in_peft_layout_is_checked_against_the_text_encoder(generator, base_pixels, tmp_path):
+def test_a_text_encoder_lora_in_peft_layout_is_checked_against_the_text_encoder(fresh, base_pixels, tmp_path):
     te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
     good = {f"{te}.lora_A.weight": torch.randn(4, 32) * 0.2, f"{te}.lora_B.weight": torch.randn(32, 4) * 0.2}
-    prepared = load_adapter(generator.pipe, _write(tmp_path / "te.safetensors", good), "te")
+    prepared = load_adapter(fresh.pipe, _write(tmp_path / "te.safetensors", good), "te")
     assert prepared.targets == {("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj"): 4}
-    changed = pixels(generator)
-    generator.pipe.delete_adapters("te")
+    changed = pixels(fresh)
+    fresh.pipe.delete_adapters("te")
     assert not np.array_equal(changed, base_pixels)
     wrong = {f"{te}.lora_A.weight": torch.randn(4, 64), f"{te}.lora_B.weight": torch.randn(64, 4)}
     with pytest.raises(AdapterError, match="64->64 in the adapter but 32->32"):
-        load_adapter(generator.pipe, _write(tmp_path / "te-wrong.safetensors", wrong), "te2")
+        load_adapter(fresh.pipe, _write(tmp_path / "te-wrong.safetensors", wrong), "te2")
 
 
-def test_adapters_load_from_s3_through_storage(generator, adapter):
+def test_adapters_load_from_s3_through_storage(fresh, adapter):
     from factory.jobs.storage import Storage
     from tests.s3server import moto_server, new_bucket, set_aws_env
 
@@ -232,7 +239,7 @@ def test_adapters_load_from_s3_through_storage(generator, adapter):
         uri = new_bucket(endpoint) + "/acme/brand.safetensors"
         storage = Storage()
         storage.s3.put_object(Bucket=uri[5:].split("/")[0], Key="acme/brand.safetensors", Body=adapter.read_bytes())
-        pool = LoraPool(generator.pipe, storage=storage)
+        pool = LoraPool(fresh.pipe, storage=storage)
         loaded = pool.ensure_loaded(AdapterRef(key="acme/brand", uri=uri))
         assert loaded.sha256 == hashlib.sha256(adapter.read_bytes()).hexdigest()
         with pytest.raises(AdapterError, match="no such file"):

@@ -31,6 +31,7 @@ def test_safe_photos_pass_the_default_policy_with_scores_recorded(stack, sample_
     assert all(r.safety_verdict == "pass" and r.caption for r in results)
     astronaut = results[0]
     assert "FACE_FEMALE" in astronaut.safety_labels  # recorded even though the default policy ignores it
+    assert all(0 < r.safety_ms < r.latency_ms for r in results)
 
 
 def test_a_face_policy_blocks_the_astronaut_with_its_score_and_no_output(stack, sample_images):

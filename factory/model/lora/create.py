@@ -136,6 +136,10 @@ def _write_atomically(out: Path, write) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".lora-") as staging:
         write(Path(staging))
         _sort_header(Path(staging) / out.name)
+        # The staging folder is private; the adapter gets the permissions any new file would get.
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(Path(staging) / out.name, 0o666 & ~mask)
         os.replace(Path(staging) / out.name, out)
 
 
@@ -171,7 +175,8 @@ def create_lora(
         header = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                   "ss_network_alpha": str(float(alpha))}
         _write_atomically(out, lambda folder: safetensors.torch.save_file(kohya, folder / out.name, metadata=header))
-    log.info("adapter created", path=str(out), format=format, rank=rank, alpha=alpha, seed=seed, layers=len(shapes) // 2)
+    log.info("adapter created", path=str(out), format=format, rank=rank, alpha=alpha, seed=seed,
+             layers=len(shapes) // 2)
     return out
 
 

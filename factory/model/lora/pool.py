@@ -2,8 +2,9 @@
 
 diffusers applies the active adapter set to every sample of a call, so a batch runs with one adapter (or none,
 for base rows): `with pool.use(ref): pipe(...)` holds the pool's lock for the whole call so another thread cannot
-switch adapters under it. `ensure_loaded` / `activate` are plain (non-async) methods for Serve's
-`@serve.multiplexed` loader and the replica's batch handler.
+switch adapters under it. All methods are plain (non-async) and thread-safe. In a Serve replica: call
+`ensure_loaded(ref)` from the `@serve.multiplexed` loader (it reads and checks the file without holding the
+lock, so a download does not stall a running batch), then `use(ref)` around the batch (a hit by then).
 
 Bounds: `set_adapters` slows down as more adapters are loaded (diffusers issue 11816) and every adapter holds
 memory, so the pool keeps at most `max_adapters` adapters and `max_bytes` of LoRA weights, evicting the least
@@ -101,38 +102,58 @@ class LoraPool:
     # ---- public API ----------------------------------------------------------------------------------
 
     def ensure_loaded(self, ref: AdapterRef) -> LoadedAdapter:
-        """Load `ref` if it is not loaded (evicting as needed); mark it most recently used."""
+        """Load `ref` if it is not loaded (evicting as needed); mark it most recently used.
+
+        Reading and checking the file happen outside the lock, so a slow s3:// download does not hold up a batch
+        running under `use()`; only the load into the pipeline (and eviction) takes the lock.
+        """
         with self._lock:
-            entry = self._entries.get(ref.key)
-            # Hot-swap slots carry the strength in their weights' alphas, so a new scale means a new load.
-            reusable = entry is not None and entry.ref.same_weights(ref) and (
-                self.hotswap_rank is None or entry.ref.scale == ref.scale
-            )
-            if entry is not None and reusable:
-                self._counters["hits"] += 1
-                self._entries.move_to_end(ref.key)
-                entry.ref = ref  # a new scale needs no reload; activate() applies it
-                return entry.view()
-            if entry is not None:
+            hit = self._hit(ref)
+            if hit is not None:
+                return hit
+        try:
+            adapter = read_adapter(ref.uri, source=self.storage, sha256=ref.sha256, limits=self.limits)
+            prepared = prepare_adapter(adapter, self.pipe)  # reads module shapes only
+        except AdapterError:
+            with self._lock:
+                self._counters["load_failures"] += 1
+            raise
+        with self._lock:
+            hit = self._hit(ref)  # another thread may have loaded it meanwhile
+            if hit is not None:
+                return hit
+            self._counters["misses"] += 1
+            if ref.key in self._entries:
                 # Same key, different file (the registry changed): the old weights must not serve it.
                 self._evict(ref.key)
-            self._counters["misses"] += 1
             try:
-                return self._load(ref).view()
+                return self._load(ref, prepared).view()
             except AdapterError:
                 self._counters["load_failures"] += 1
                 raise
+
+    def _hit(self, ref: AdapterRef) -> LoadedAdapter | None:
+        entry = self._entries.get(ref.key)
+        # Hot-swap slots carry the strength in their weights' alphas, so there a new scale means a new load.
+        if entry is None or not entry.ref.same_weights(ref) or (
+            self.hotswap_rank is not None and entry.ref.scale != ref.scale
+        ):
+            return None
+        self._counters["hits"] += 1
+        self._entries.move_to_end(ref.key)
+        entry.ref = ref  # a new scale needs no reload; activate() applies it
+        return entry.view()
 
     def activate(self, ref: AdapterRef | None) -> LoadedAdapter | None:
         """Make `ref` the only active adapter, or (None) run the base model with every adapter disabled."""
         with self._lock:
             if ref is None:
                 if self._active is not None:
-                    started = time.perf_counter()
                     if loaded_adapter_names(self.pipe):
+                        started = time.perf_counter()
                         self.pipe.disable_lora()
+                        self._record_switch(started)
                     self._active = None
-                    self._record_switch(started)
                 return None
             loaded = self.ensure_loaded(ref)
             if self._active != (ref.key, ref.scale):
@@ -184,10 +205,8 @@ class LoraPool:
 
     # ---- loading and eviction --------------------------------------------------------------------------
 
-    def _load(self, ref: AdapterRef) -> _Entry:
+    def _load(self, ref: AdapterRef, prepared: PreparedAdapter) -> _Entry:
         # Every check runs before anything is evicted or loaded: a refused file leaves the pipe as it was.
-        adapter = read_adapter(ref.uri, source=self.storage, sha256=ref.sha256, limits=self.limits)
-        prepared = prepare_adapter(adapter, self.pipe)
         if prepared.tensor_bytes > self.max_bytes:
             raise AdapterError(f"{ref.uri}: {prepared.tensor_bytes} bytes of LoRA weights exceed the pool's "
                                f"{self.max_bytes} byte budget")

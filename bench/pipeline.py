@@ -49,14 +49,18 @@ def make_spec(manifest: Path, output: Path, *, size: int, steps: int, cpus: floa
 
 
 def bare_loop(manifest: Path, output: Path, stack, spec) -> float:
-    """The same rows, parser, executor, PNG encoding and writes, in this process, no Ray."""
+    """The same rows, parser, executor, safety checks, PNG encoding and writes, in this process, no Ray."""
     from factory.jobs.manifests import iter_manifest_records
     from factory.jobs.pipeline import generation_defaults
     from factory.jobs.storage import Storage
     from factory.routing.executor import TaskExecutor
     from factory.routing.parser import parse_request
 
-    storage, executor, defaults = Storage(), TaskExecutor(stack), generation_defaults(spec)
+    from factory.safety.policy import SafetyChecker
+
+    # The same work a replica does: the same stack and the same safety policy on every image.
+    safety = SafetyChecker(spec.safety)
+    storage, executor, defaults = Storage(), TaskExecutor(stack, safety), generation_defaults(spec)
     requests = [parse_request(record.raw, defaults) for record in iter_manifest_records(str(manifest), storage)]
     started = time.perf_counter()
     batch = spec.serve.max_batch_size

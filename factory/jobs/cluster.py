@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 
@@ -44,6 +46,22 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
+def running_fingerprint(app_name: str) -> str | None:
+    """The config fingerprint of the replicas `app_name` runs now, or None when it is not running."""
+    from ray import serve
+
+    from factory.routing.replica import DEPLOYMENT_NAME
+
+    try:
+        status = serve.status().applications.get(app_name)
+        if status is None or status.status != "RUNNING":
+            return None
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name)
+        return handle.deployed_fingerprint.remote().result(timeout_s=30)
+    except Exception:  # no Serve yet, another app layout, a replica mid-restart: deploy afresh
+        return None
+
+
 def deploy(spec, app_name: str, registry=None) -> None:
     """Deploy (or update in place) the replica app for this job's profile and sizing."""
     from ray import serve
@@ -56,10 +74,16 @@ def deploy(spec, app_name: str, registry=None) -> None:
         safety=spec.safety, max_adapters=spec.serve.max_adapters, max_adapter_bytes=spec.serve.max_adapter_bytes,
         adapters={ref.key: ref for ref in registry.adapters()} if registry is not None else {},
     )
-    app = build_replica_app(
-        config, replicas=spec.serve.replicas, num_cpus=spec.serve.num_cpus, num_gpus=spec.serve.num_gpus,
-        max_ongoing_requests=spec.serve.max_ongoing_requests,
-    )
+    sizing = {"replicas": spec.serve.replicas, "num_cpus": spec.serve.num_cpus, "num_gpus": spec.serve.num_gpus,
+              "max_ongoing_requests": spec.serve.max_ongoing_requests}
+    fingerprint = hashlib.sha256(
+        json.dumps([config.model_dump(mode="json"), sizing], sort_keys=True).encode()
+    ).hexdigest()
+    if running_fingerprint(app_name) == fingerprint:
+        # serve.run from Python restarts every replica even for an identical app; a warm one is reused.
+        log.info("reusing running replicas", app=app_name)
+        return
+    app = build_replica_app(config, fingerprint=fingerprint, **sizing)
     serve.start(http_options={"host": "127.0.0.1"})
     # route_prefix=None: batch jobs talk to replicas through handles only.
     serve.run(app, name=app_name, route_prefix=None, blocking=False)

@@ -56,7 +56,7 @@ def adapter_key(request: TaskRequest) -> str:
 
 
 class StackReplica:
-    def __init__(self, config: ReplicaConfig | dict):
+    def __init__(self, config: ReplicaConfig | dict, fingerprint: str = ""):
         import torch
 
         from factory.logs import configure_logging
@@ -67,6 +67,7 @@ class StackReplica:
         from factory.safety.policy import SafetyChecker
 
         self.config = ReplicaConfig.model_validate(config)
+        self.fingerprint = fingerprint
         configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "info"))
         torch.set_num_threads(self.config.threads)
         self.stack = ModelStack.from_profile(self.config.profile)
@@ -110,6 +111,9 @@ class StackReplica:
         if ref is None:
             raise InputError("not in this deployment's tenants registry")
         return self.pool.ensure_loaded(ref)
+
+    def deployed_fingerprint(self) -> str:
+        return self.fingerprint
 
     def adapter_stats(self) -> dict:
         return self.pool.stats()
@@ -160,7 +164,7 @@ class StackReplica:
 
 def build_replica_app(
     config: ReplicaConfig, *, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-    max_ongoing_requests: int = 4,
+    max_ongoing_requests: int = 4, fingerprint: str = "",
 ):
     """A bound Serve application of StackReplica with the job's sizing."""
     deployment = serve.deployment(
@@ -175,4 +179,4 @@ def build_replica_app(
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
         health_check_timeout_s=60,
     )
-    return deployment.bind(config.model_dump())
+    return deployment.bind(config.model_dump(mode="json"), fingerprint)

@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--sim-repeats", type=int, default=3, help="runs of each order; the median is printed")
+    parser.add_argument("--job", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run part 3, through the Ray job")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     quiet_library_noise()
@@ -205,6 +207,69 @@ def main() -> None:
               f"{result.seconds:>8.2f} {result.rows_per_s:>7.1f}")
     ratio = results["grouped"].rows_per_s / results["shuffled"].rows_per_s
     print(f"grouped / shuffled rows/s: {ratio:.2f}x")
+    if args.job:
+        through_job(generator, args)
+
+
+def through_job(generator: FluxGenerator, args: argparse.Namespace) -> None:
+    """Part 3: the same shuffled manifest through `factory run` (Ray Data -> one Serve replica), with the
+    pipeline's adapter ordering off (adapter_window 1) and on; switches are counted by the replica's pool."""
+    import json
+
+    import ray
+    from ray import serve
+
+    from factory.jobs.pipeline import run_job
+    from factory.jobs.spec import JobSpec
+
+    folder = Path(tempfile.mkdtemp(prefix="lora-job-bench-"))
+    registry = {"tenants": {}}
+    for i, tenant in enumerate(TENANTS):
+        adapters = {}
+        for j, region in enumerate(REGIONS):
+            path = create_lora(folder / f"{tenant}-{region}.safetensors", transformer=generator.pipe.transformer,
+                               rank=8, alpha=8, seed=10 * i + j)
+            adapters[region] = {"uri": str(path)}
+        registry["tenants"][tenant] = {"adapters": adapters, "regions": {r: r for r in REGIONS}}
+    (folder / "tenants.yaml").write_text(json.dumps(registry))
+    rng = random.Random(0)
+    with (folder / "rows.jsonl").open("w") as handle:
+        for index in range(args.rows):
+            row = {"id": f"r{index:04d}", "tenant": rng.choice(TENANTS), "region": rng.choice(REGIONS),
+                   "prompt": rng.choice(PROMPTS), "seed": index}
+            handle.write(json.dumps(row) + "\n")
+
+    def spec(window: int) -> JobSpec:
+        return JobSpec.model_validate({
+            "name": "lora-bench", "inputs": [str(folder / "rows.jsonl")], "output": str(folder / "out"),
+            "tenants": str(folder / "tenants.yaml"), "adapter_window": window,
+            "defaults": {"steps": args.steps, "width": args.size, "height": args.size},
+            "serve": {"max_batch_size": args.batch, "max_ongoing_requests": 2 * args.batch,
+                      "max_adapters": args.pool, "num_cpus": 2},
+            "in_flight": 4 * args.batch, "batch_size": 4 * args.batch,
+        })
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    run_job(spec(args.window), run_id="warmup", show_progress=False)
+    handle = serve.get_deployment_handle("StackReplica", "factory")
+    measured: dict[str, list[tuple[float, int]]] = {"shuffled": [], "grouped": []}
+    for repeat in range(args.sim_repeats):
+        for name, window in (("shuffled", 1), ("grouped", args.window)):
+            before = handle.adapter_stats.remote().result()["switches"]
+            started = time.perf_counter()
+            run_job(spec(window), run_id=f"{name}-{repeat}", show_progress=False)
+            seconds = time.perf_counter() - started
+            switches = handle.adapter_stats.remote().result()["switches"] - before
+            measured[name].append((args.rows / seconds, switches))
+    print(f"\nthrough the job: {args.rows} rows, one replica, pool {args.pool}, window {args.window}, "
+          f"median of {args.sim_repeats}")
+    medians = {name: (statistics.median(r for r, _ in runs), statistics.median(s for _, s in runs))
+               for name, runs in measured.items()}
+    for name, (rows_per_s, switches) in medians.items():
+        print(f"{name:>9} switches {switches:>5.0f}  rows/s {rows_per_s:6.2f}")
+    print(f"job grouped / shuffled rows/s: {medians['grouped'][0] / medians['shuffled'][0]:.2f}x, "
+          f"switches {medians['shuffled'][1]:.0f} -> {medians['grouped'][1]:.0f}")
+    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -55,10 +55,10 @@ def s3_endpoint():
 
     Its variables go into os.environ before Ray starts, so the Ray cluster's workers inherit them.
     """
-    from tests.s3server import aws_env, moto_server
+    from tests.s3server import moto_server, point_environment_at
 
     with moto_server() as endpoint:
-        os.environ.update(aws_env(endpoint))
+        point_environment_at(endpoint)
         yield endpoint
 
 

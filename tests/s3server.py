@@ -8,11 +8,11 @@ fresh bucket names (`new_bucket`), not fresh servers.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
@@ -56,12 +56,11 @@ def aws_env(endpoint_url: str) -> dict[str, str]:
     }
 
 
-def set_aws_env(monkeypatch: pytest.MonkeyPatch, endpoint_url: str) -> None:
-    """Point this process (and Ray workers it starts) at the test endpoint; undone with `monkeypatch`."""
+def point_environment_at(endpoint_url: str) -> None:
+    """Point this process, and the Ray workers it starts later, at the test endpoint with test credentials."""
     for name in _UNSET:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in aws_env(endpoint_url).items():
-        monkeypatch.setenv(name, value)
+        os.environ.pop(name, None)
+    os.environ.update(aws_env(endpoint_url))
 
 
 def create_bucket(endpoint_url: str, name: str) -> str:

@@ -230,18 +230,16 @@ def test_a_text_encoder_lora_in_peft_layout_is_checked_against_the_text_encoder(
         load_adapter(fresh.pipe, _write(tmp_path / "te-wrong.safetensors", wrong), "te2")
 
 
-def test_adapters_load_from_s3_through_storage(fresh, adapter):
+def test_adapters_load_from_s3_through_storage(fresh, adapter, s3_endpoint):
     from factory.jobs.storage import Storage
-    from tests.s3server import moto_server, new_bucket, set_aws_env
+    from tests.s3server import new_bucket
 
-    with moto_server() as endpoint, pytest.MonkeyPatch.context() as mp:
-        set_aws_env(mp, endpoint)
-        uri = new_bucket(endpoint) + "/acme/brand.safetensors"
-        storage = Storage()
-        storage.s3.put_object(Bucket=uri[5:].split("/")[0], Key="acme/brand.safetensors", Body=adapter.read_bytes())
-        pool = LoraPool(fresh.pipe, storage=storage)
-        loaded = pool.ensure_loaded(AdapterRef(key="acme/brand", uri=uri))
-        assert loaded.sha256 == hashlib.sha256(adapter.read_bytes()).hexdigest()
-        with pytest.raises(AdapterError, match="no such file"):
-            pool.ensure_loaded(AdapterRef(key="acme/missing", uri=uri.replace("brand", "missing")))
-        pool.clear()
+    uri = new_bucket(s3_endpoint) + "/acme/brand.safetensors"
+    storage = Storage()
+    storage.write_bytes(uri, adapter.read_bytes())
+    pool = LoraPool(fresh.pipe, storage=storage)
+    loaded = pool.ensure_loaded(AdapterRef(key="acme/brand", uri=uri))
+    assert loaded.sha256 == hashlib.sha256(adapter.read_bytes()).hexdigest()
+    with pytest.raises(AdapterError, match="no such file"):
+        pool.ensure_loaded(AdapterRef(key="acme/missing", uri=uri.replace("brand", "missing")))
+    pool.clear()

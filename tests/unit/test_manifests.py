@@ -6,7 +6,6 @@ import csv
 import gzip
 import io
 import json
-from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,7 +22,7 @@ from factory.jobs.manifests import (
     validate_record,
 )
 from factory.jobs.storage import Storage, join
-from tests.s3server import moto_server, new_bucket, set_aws_env
+from tests.s3server import new_bucket
 
 ROWS = [
     {"id": "r1", "tenant": "acme", "prompt": "a red bicycle", "width": 256, "height": 256},
@@ -32,12 +31,6 @@ ROWS = [
 ]
 COLUMNS = ["id", "tenant", "prompt", "image", "question", "width", "height", "steps", "seed"]
 
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint, pytest.MonkeyPatch.context() as mp:
-        set_aws_env(mp, endpoint)
-        yield endpoint
 
 
 @pytest.fixture(params=["local", "s3"])

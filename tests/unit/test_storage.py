@@ -21,14 +21,8 @@ from factory.errors import InputError
 from factory.jobs import fetch
 from factory.jobs.fetch import address_problem, decode_image, fetch_bytes, load_image
 from factory.jobs.storage import Storage, join
-from tests.s3server import moto_server, new_bucket, set_aws_env
+from tests.s3server import new_bucket
 
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint, pytest.MonkeyPatch.context() as mp:
-        set_aws_env(mp, endpoint)
-        yield endpoint
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -68,7 +68,7 @@ class StackReplica:
 
         self.config = ReplicaConfig.model_validate(config)
         self.fingerprint = fingerprint
-        configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "info"))
+        configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "warning"))
         torch.set_num_threads(self.config.threads)
         self.stack = ModelStack.from_profile(self.config.profile)
         self.safety = SafetyChecker(self.config.safety)

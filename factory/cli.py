@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -42,6 +41,16 @@ def one_line_errors(command):
         except OSError as error:
             typer.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: committed rows are kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+        except Exception as error:  # a bug or an infrastructure failure: still one line, traceback on request
+            if os.environ.get("FACTORY_DEBUG") == "1":
+                raise
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            typer.echo(f"error: unexpected {type(error).__name__}: {message} (FACTORY_DEBUG=1 shows the traceback)",
+                       err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -10,6 +10,11 @@ import pytest
 # The test cluster uses token auth, Ray's default for `ray start`. Clients that join by address present the
 # token only when RAY_AUTH_MODE says so, and Ray reads it when it is first imported: so set it here, first.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    # A fresh machine has no ~/.ray/auth_token; the test cluster gets a token of its own, never a user's.
+    import secrets
+
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 @pytest.fixture(scope="session")

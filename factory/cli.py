@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from factory.errors import FactoryError
+from factory.errors import FactoryError, one_line, validation_problems
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Batch content factory: manifests in, content out.")
 models_app = typer.Typer(no_args_is_help=True, help="Build and list model profiles.")
@@ -34,9 +34,7 @@ def one_line_errors(command):
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         except ValidationError as error:
-            from factory.routing.parser import first_validation_problem
-
-            typer.echo(f"error: {first_validation_problem(error)}", err=True)
+            typer.echo(f"error: {one_line(validation_problems(error))}", err=True)
             raise typer.Exit(2) from None
         except OSError as error:
             typer.echo(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
@@ -91,6 +89,8 @@ def generate(
     adapter: Annotated[Optional[str], typer.Option(help="Adapter name from the tenant's list")] = None,
 ):
     """Generate one image from a prompt."""
+    from factory.model.lora.ref import BASE_ADAPTER
+
     if region is not None and adapter is not None:
         raise FactoryError("use --region or --adapter, not both")
     row = {"id": "cli", "tenant": tenant, "task": "generate", "prompt": prompt, "seed": seed, "steps": steps,
@@ -99,7 +99,7 @@ def generate(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(result.image_png or b"")
     typer.echo(f"{output}  seed={result.seed} steps={result.steps} {result.width}x{result.height} "
-               f"adapter={result.adapter or 'base'} {result.latency_ms:.0f} ms")
+               f"adapter={result.adapter or BASE_ADAPTER} {result.latency_ms:.0f} ms")
 
 
 @app.command()
@@ -133,6 +133,10 @@ def run(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: key=value")] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Run id (default: the job name); same id resumes")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: $RAY_ADDRESS or local)")] = None,
+    retry_failed: Annotated[
+        Optional[bool], typer.Option("--retry-failed/--no-retry-failed",
+                                     help="Whether a re-run retries rows that ended failed (default: the spec's)")
+    ] = None,
 ):
     """Run a job: manifests through the replicas to results, exactly once per row."""
     from factory.jobs.pipeline import run_job
@@ -141,8 +145,26 @@ def run(
 
     _configure_logging()
     spec = load_spec(spec_path, overrides or [])
-    summary = run_job(spec, run_id=_checked_run_id(run_id), address=address)
+    summary = run_job(spec, run_id=_checked_run_id(run_id), address=address, retry_failed=retry_failed)
     print_summary(summary)
+
+
+@app.command()
+@one_line_errors
+def validate(
+    spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="Job spec")],
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: key=value")] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Run id (default: the job name); a later run reuses it")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: $RAY_ADDRESS or local)")] = None,
+):
+    """Read and validate a job's rows with no model replicas: counts, rejects and an estimate of model time."""
+    from factory.jobs.pipeline import validate_job
+    from factory.jobs.report import print_validation
+    from factory.jobs.spec import load_spec
+
+    _configure_logging()
+    spec = load_spec(spec_path, overrides or [])
+    print_validation(validate_job(spec, run_id=_checked_run_id(run_id), address=address))
 
 
 @app.command()
@@ -181,7 +203,8 @@ def models_build(
     """Build a profile's offline checkpoints (only `tiny` is built; others load from their sources)."""
     import time
 
-    from factory.model.profiles import TINY_SOURCE, factory_home, get_profile
+    from factory.model.profiles import TINY_SOURCE, get_profile
+    from factory.paths import factory_home
     from factory.model.tiny import ensure_tiny
 
     resolved = get_profile(profile)

@@ -15,6 +15,10 @@ if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_P
     import secrets
 
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+# On Linux, Ray turns --node-ip-address=127.0.0.1 into the machine's routable address unless multi-node clusters
+# are off (as factory's private Ray does, see factory.jobs.cluster): the test cluster then listens on loopback
+# only, and every client of it (this process, subprocess drivers, submitted jobs) says the same.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +88,7 @@ def ray_cluster(factory_home, tiny_path, s3_endpoint):
     """
     import subprocess
     import sys
+    import tempfile
 
     import ray
 
@@ -93,10 +98,12 @@ def ray_cluster(factory_home, tiny_path, s3_endpoint):
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     gcs_port, dashboard_port = _free_port(), _free_port()
+    # A temp dir of its own (short: Ray's socket paths live under it), so teardown stops this cluster only.
+    temp_dir = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")
     subprocess.run(
         [str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--disable-usage-stats"],
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         check=True, capture_output=True,
     )
     address = f"127.0.0.1:{gcs_port}"
@@ -106,4 +113,30 @@ def ray_cluster(factory_home, tiny_path, s3_endpoint):
 
     serve.shutdown()
     ray.shutdown()
-    subprocess.run([str(bin_dir / "ray"), "stop", "--force"], capture_output=True)
+    _stop_cluster(temp_dir)
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop the processes of the cluster started with `temp_dir` (and their workers), not every Ray on the
+    machine as `ray stop` would."""
+    import psutil
+
+    started = [p for p in psutil.process_iter(["cmdline"])
+               if p.pid != os.getpid() and any(temp_dir in part for part in p.info["cmdline"] or ())]
+    processes = {p.pid: p for p in started}
+    for process in started:
+        try:
+            processes.update((child.pid, child) for child in process.children(recursive=True))
+        except psutil.Error:
+            pass
+    for process in processes.values():
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(processes.values()), timeout=15)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass

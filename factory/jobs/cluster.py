@@ -4,46 +4,123 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 
 import structlog
 
+from factory.errors import ConfigError
+
 log = structlog.get_logger(__name__)
+
+# What every worker of a run must see as the driver does: the model cache, log settings, and the failpoint a
+# test armed (factory.jobs.faults).
+FORWARDED_ENV = ("FACTORY_HOME", "FACTORY_LOG_LEVEL", "FACTORY_LOG_JSON", "FACTORY_FAILPOINT")
 
 
 def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`); else start a local one.
+    """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`); else start a private one.
 
-    A local Ray binds its dashboard to loopback: anyone who reaches the dashboard or Jobs API can run code.
+    A private Ray listens on loopback only (GCS, raylet, object manager, core workers, dashboard and runtime-env
+    agents, metrics) and has no dashboard; Ray's token auth (on by default for a new local cluster since Ray
+    2.52, or as RAY_AUTH_MODE says) is unchanged. Ray's, Ray Data's and Serve's own logs go to files, not the
+    console; workers' warnings and errors still reach it (see factory.logs).
     """
     import ray
+
+    from factory.logs import filter_forwarded_worker_output
 
     quiet_ray_data()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    # Workers must find the same tiny checkpoints and log settings as the driver.
-    env_vars = {key: os.environ[key] for key in ("FACTORY_HOME", "FACTORY_LOG_LEVEL") if key in os.environ}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
+    options = {
+        "runtime_env": _worker_runtime_env(),
+        # factory.logs routes the "ray" logger (to the log file); ray.init leaves it alone.
+        "configure_logging": False,
+        "log_to_driver": True,  # workers' warnings and errors reach the console, filtered below
+    }
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, **options)
     else:
-        ray.init(
-            include_dashboard=False, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-            logging_level=logging.WARNING,
-        )
+        _start_private_ray(**options)
+    filter_forwarded_worker_output()  # workers: their warnings and errors, not Serve's or Ray Data's INFO
+    quiet_ray_data()  # ray.init(configure_logging=False) cleared the "ray" logger's handlers; keep it routed
+
+
+def _worker_runtime_env() -> dict | None:
+    """Workers find the same tiny checkpoints and log settings as the driver, and set up logging when they
+    start (Ray Data tasks never call configure_logging themselves). Keys that a submitted job's runtime_env
+    already sets are left to it: ray.init refuses to merge two values for one key."""
+    submitted: dict = {}
+    try:
+        submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        pass
+    taken = set(submitted.get("env_vars") or {})
+    env_vars = {key: os.environ[key] for key in FORWARDED_ENV
+                if key in os.environ and key not in taken}
+    runtime_env: dict = {"env_vars": env_vars} if env_vars else {}
+    if "worker_process_setup_hook" not in submitted:
+        runtime_env["worker_process_setup_hook"] = "factory.logs.setup_worker_logging"
+    return runtime_env or None
+
+
+def _start_private_ray(**options) -> None:
+    """A new Ray instance for this process alone, with every server of the node on loopback.
+
+    Ray binds a node's servers (GCS, raylet and object manager, core workers, dashboard agent, runtime-env
+    agent, metrics exporters, the headless dashboard and autoscaler monitor) to the node IP when that is a
+    loopback address, and to all interfaces otherwise. On Linux, though, ray.init turns
+    `_node_ip_address="127.0.0.1"` into the machine's routable address (services.resolve_ip_for_localhost)
+    unless Ray clusters are disabled, as they are by default on macOS and Windows:
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads into ray_constants.ENABLE_RAY_CLUSTER when first
+    imported (usually before this runs). Both are set for the duration of ray.init only, so this process can
+    still join a real cluster later; the started processes get the node IP on their command lines.
+    """
+    import ipaddress
+
+    import ray
+    from ray._private import ray_constants
+
+    variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(variable), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[variable] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        # address="local": a new instance even when `ray start` left a cluster in /tmp/ray/ray_current_cluster
+        # (ray.init() with no address would join that one instead).
+        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved_env
+    node_ip = ray._private.worker._global_node.node_ip_address
+    try:
+        loopback = ipaddress.ip_address(node_ip).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:  # a Ray upgrade changed how it picks the node IP (tests/integration/test_console.py)
+        log.warning("the local Ray listens beyond loopback", node_ip=node_ip)
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's own progress bars and periodic progress logs would fight the job's progress line."""
+    """Ray Data's progress bars and execution banners would fight the job's progress line, and Ray, Ray Data and
+    Serve each put a console handler on their logger when imported: import both here, so those exist, and route
+    them through factory.logs (the log file; the console from ERROR up)."""
     import ray
+    import ray.data
+    import ray.serve  # noqa: F401  (Serve installs its default console logger at import)
+
+    from factory.logs import route_library_logs
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    route_library_logs()
 
 
 def running_fingerprint(app_name: str) -> str | None:
@@ -62,8 +139,22 @@ def running_fingerprint(app_name: str) -> str | None:
         return None
 
 
-def deploy(spec, app_name: str, registry=None) -> None:
-    """Deploy (or update in place) the replica app for this job's profile and sizing."""
+def app_exists(app_name: str) -> bool:
+    from ray import serve
+
+    try:
+        return app_name in serve.status().applications
+    except Exception:  # Serve not started on this cluster yet
+        return False
+
+
+def default_app_name(job: str) -> str:
+    return f"factory-{job}"
+
+
+def deploy(spec, app_name: str, registry=None, *, owned: bool) -> None:
+    """Deploy the replica app for this job's profile and sizing, reuse it when it already runs that config, or
+    refuse: an app the job does not own (one it names) that serves another config belongs to someone else."""
     from ray import serve
 
     from factory.routing.replica import ReplicaConfig, build_replica_app
@@ -72,6 +163,7 @@ def deploy(spec, app_name: str, registry=None) -> None:
         profile=spec.profile, max_batch_size=spec.serve.max_batch_size,
         batch_wait_timeout_s=spec.serve.batch_wait_timeout_s, threads=max(1, int(spec.serve.num_cpus)),
         safety=spec.safety, max_adapters=spec.serve.max_adapters, max_adapter_bytes=spec.serve.max_adapter_bytes,
+        lora_hotswap_rank=spec.serve.lora_hotswap_rank,
         adapters={ref.key: ref for ref in registry.adapters()} if registry is not None else {},
     )
     sizing = {"replicas": spec.serve.replicas, "num_cpus": spec.serve.num_cpus, "num_gpus": spec.serve.num_gpus,
@@ -83,8 +175,23 @@ def deploy(spec, app_name: str, registry=None) -> None:
         # serve.run from Python restarts every replica even for an identical app; a warm one is reused.
         log.info("reusing running replicas", app=app_name)
         return
+    if not owned and app_exists(app_name):
+        raise ConfigError(
+            f"serve.app_name: the Serve app {app_name!r} is serving another config (profile, sizing, safety or "
+            "adapters differ); leave serve.app_name unset to run in the job's own app, or name another app"
+        )
     app = build_replica_app(config, fingerprint=fingerprint, **sizing)
     serve.start(http_options={"host": "127.0.0.1"})
     # route_prefix=None: batch jobs talk to replicas through handles only.
     serve.run(app, name=app_name, route_prefix=None, blocking=False)
-    log.info("replicas ready", app=app_name, replicas=spec.serve.replicas, profile=spec.profile)
+    log.info("replicas deploying", app=app_name, replicas=spec.serve.replicas, profile=spec.profile)
+
+
+def release(app_name: str) -> None:
+    """Delete a job's own app at the end of its run, so its replicas give their CPUs/GPUs back."""
+    from ray import serve
+
+    try:
+        serve.delete(app_name)
+    except Exception as error:  # noqa: BLE001 - the run's output is committed; a leftover app is only a warning
+        log.warning("could not delete the job's Serve app", app=app_name, error=repr(error))

@@ -15,15 +15,16 @@ import gzip
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
 import structlog
-from pydantic import ValidationError
 
-from factory.errors import FactoryError, InputError
-from factory.jobs.storage import Storage, is_remote, is_s3, local_path
+from factory.errors import FactoryError, InputError, StorageUnavailable
+from factory.io.storage import Storage, is_remote, is_s3, local_path
+from factory.routing.parser import RequestError, parse_row
 from factory.routing.requests import RowInput
 
 log = structlog.get_logger(__name__)
@@ -151,40 +152,56 @@ def _expand_one(uri: str, storage: Storage) -> list[str]:
 
 
 def iter_manifest_records(uri: str, storage: Storage) -> Iterator[ManifestRecord]:
-    """Stream the rows of one manifest file as `ManifestRecord`s (bad lines included, with `error` set)."""
-    rows = errors = 0
-    for record in _iter_records(uri, storage):
-        rows += 1
-        errors += record.error is not None
-        yield record
-    log.debug("manifest.read", uri=uri, rows=rows, unreadable_lines=errors)
+    """Stream the rows of one whole manifest file as `ManifestRecord`s (bad lines included, with `error` set)."""
+    yield from iter_range_records(uri, storage)
 
 
-def _iter_records(uri: str, storage: Storage) -> Iterator[ManifestRecord]:
+def iter_range_records(
+    uri: str, storage: Storage, first_line: int = 1, last_line: int | None = None, *, start: int | None = None,
+    end: int | None = None, columns: tuple[str, ...] | None = None,
+) -> Iterator[ManifestRecord]:
+    """The rows on lines `first_line`..`last_line` of a manifest (Parquet: rows, counted from 1).
+
+    With byte offsets (`start`, `end`: where `first_line` starts and `last_line` ends, from planning) only those
+    bytes are read; without them (gzip) the file is read from its top. A CSV range past the header needs the
+    header's `columns`. Decoding problems are `InputError`s; a store that keeps failing is `StorageUnavailable`.
+    """
     fmt = detect_format(uri)
     if fmt == "parquet":
-        yield from _iter_parquet(uri, storage)
+        yield from _iter_parquet(uri, storage, first_line, last_line)
         return
-    line = 0
+    line = first_line - 1
     try:
-        with storage.open_read(uri) as stream:
+        stream = storage.open_range(uri, start, end) if start is not None and end is not None else storage.open_read(uri)
+        with stream:
             source: IO[bytes] = stream
-            if uri.lower().endswith(".gz"):
+            if start is None and uri.lower().endswith(".gz"):
                 source = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
-            reader = _iter_jsonl(uri, source) if fmt == "jsonl" else _iter_csv(uri, source)
+            if start is None and first_line > 1:
+                _skip_lines(source, first_line - 1)
+            reader = (_iter_jsonl(uri, source, first_line) if fmt == "jsonl"
+                      else _iter_csv(uri, source, first_line, columns))
             for record in reader:
+                if last_line is not None and record.line > last_line:
+                    return
                 line = record.line
                 yield record
     except FactoryError:
         raise
-    except Exception as exc:  # noqa: BLE001 - gzip, network and botocore read errors alike
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(f"{uri}: read failed after line {line}: {_one_line(exc)}") from exc
 
 
-def _iter_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes) per line; bytes is None for a line over MAX_LINE_BYTES (skipped, not read whole)."""
-    number = 0
-    while True:
+def _skip_lines(stream: IO[bytes], count: int) -> None:
+    for _ in _iter_lines(stream, 1, count):
+        pass
+
+
+def _iter_lines(stream: IO[bytes], first: int = 1, limit: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) per line, numbered from `first`; bytes is None for a line over MAX_LINE_BYTES
+    (skipped, not read whole). Stops after `limit` lines when given."""
+    number = first - 1
+    while limit is None or number - first + 1 < limit:
         data = stream.readline(MAX_LINE_BYTES + 1)
         if not data:
             return
@@ -203,9 +220,10 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _iter_jsonl(uri: str, stream: IO[bytes]) -> Iterator[ManifestRecord]:
-    seen_content = False
-    for number, data in _iter_lines(stream):
+def _iter_jsonl(uri: str, stream: IO[bytes], first_line: int = 1) -> Iterator[ManifestRecord]:
+    # Only the file's own start can reveal a JSON array (planning checks it before any chunk is read).
+    seen_content = first_line > 1
+    for number, data in _iter_lines(stream, first_line):
         if data is None:
             yield ManifestRecord(uri, number, error=f"line {number}: longer than {MAX_LINE_BYTES} bytes")
             continue
@@ -239,11 +257,18 @@ def _iter_jsonl(uri: str, stream: IO[bytes]) -> Iterator[ManifestRecord]:
         yield ManifestRecord(uri, number, raw=value)
 
 
-def _iter_csv(uri: str, stream: IO[bytes]) -> Iterator[ManifestRecord]:
+def header_problem(names: list[str]) -> str | None:
+    """Why a CSV header cannot name a row's fields, or None."""
+    dupes = sorted({n for n in names if names.count(n) > 1 and n})
+    return f"column {dupes[0]!r} appears more than once" if dupes else None
+
+
+def _iter_csv(uri: str, stream: IO[bytes], first_line: int = 1,
+              columns: tuple[str, ...] | None = None) -> Iterator[ManifestRecord]:
     problems: dict[int, str] = {}  # line number -> why the line's bytes were unusable
 
     def text_lines() -> Iterator[str]:
-        for number, data in _iter_lines(stream):
+        for number, data in _iter_lines(stream, first_line):
             if data is None:
                 problems[number] = f"longer than {MAX_LINE_BYTES} bytes"
                 yield "\n"
@@ -255,32 +280,36 @@ def _iter_csv(uri: str, stream: IO[bytes]) -> Iterator[ManifestRecord]:
                 problems[number] = f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1})"
                 yield data.decode("utf-8", "replace")
 
-    reader = csv.DictReader(text_lines(), restkey=_EXTRA_CELLS)
-    try:
-        header = reader.fieldnames
-    except csv.Error as exc:
-        raise InputError(f"{uri}: line 1 (header): {exc}") from exc
-    if not header:
-        return
-    if 1 in problems:
-        raise InputError(f"{uri}: line 1 (header): {problems[1]}")
-    names = [name.strip() for name in header]
-    dupes = sorted({n for n in names if names.count(n) > 1 and n})
-    if dupes:
-        raise InputError(f"{uri}: line 1 (header): column {dupes[0]!r} appears more than once")
-    reader.fieldnames = names
+    reader = csv.DictReader(text_lines(), fieldnames=list(columns) if columns is not None else None,
+                            restkey=_EXTRA_CELLS)
+    offset = first_line - 1  # the csv reader counts lines from 1 wherever it starts
+    if columns is None:
+        try:
+            header = reader.fieldnames
+        except csv.Error as exc:
+            raise InputError(f"{uri}: line 1 (header): {exc}") from exc
+        if not header:
+            return
+        if 1 in problems:
+            raise InputError(f"{uri}: line 1 (header): {problems[1]}")
+        names = [name.strip() for name in header]
+        problem = header_problem(names)
+        if problem:
+            raise InputError(f"{uri}: line 1 (header): {problem}")
+        reader.fieldnames = names
+    names = list(reader.fieldnames or [])
 
-    done = reader.line_num
+    done = reader.line_num + offset
     while True:
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            done = reader.line_num
+            done = reader.line_num + offset
             yield ManifestRecord(uri, done, error=f"line {done}: {exc}")
             continue
-        number = reader.line_num
+        number = reader.line_num + offset
         bad = [problems.pop(n) for n in sorted(problems) if done < n <= number]
         done = number
         if bad:
@@ -298,7 +327,9 @@ def _iter_csv(uri: str, stream: IO[bytes]) -> Iterator[ManifestRecord]:
         yield ManifestRecord(uri, number, raw=row)
 
 
-def _iter_parquet(uri: str, storage: Storage) -> Iterator[ManifestRecord]:
+def _iter_parquet(uri: str, storage: Storage, first_row: int = 1, last_row: int | None = None
+                  ) -> Iterator[ManifestRecord]:
+    """Rows `first_row`..`last_row` (1-based), reading only the row groups that hold them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -309,15 +340,33 @@ def _iter_parquet(uri: str, storage: Storage) -> Iterator[ManifestRecord]:
         if not storage.exists(uri):
             raise InputError(f"{uri}: no such file") from exc
         raise InputError(f"{uri}: not a readable Parquet file: {_one_line(exc)}") from exc
-    row = 0
+    meta = pfile.metadata
+    last_row = meta.num_rows if last_row is None else min(last_row, meta.num_rows)
+    groups, group_first, row = [], 1, 0
+    for index in range(meta.num_row_groups):
+        count = meta.row_group(index).num_rows
+        if group_first <= last_row and group_first + count - 1 >= first_row:
+            if not groups:
+                row = group_first - 1
+            groups.append(index)
+        group_first += count
+    if not groups:
+        return
     try:
-        for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups):
             # to_pylist gives plain Python values: ints stay ints, nulls are None.
             for values in batch.to_pylist():
                 row += 1
+                if row < first_row:
+                    continue
+                if row > last_row:
+                    return
                 yield ManifestRecord(uri, row, raw=values)
     except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"{uri}: read failed after row {row}: {_one_line(exc)}") from exc
+        # pyarrow reports a corrupt page and an S3 failure (after its own retries) alike as OSError; only the
+        # second says "AWS Error", and only it is worth running again.
+        error = StorageUnavailable if "AWS Error" in str(exc) else InputError
+        raise error(f"{uri}: read failed after row {row}: {_one_line(exc)}") from exc
 
 
 # ---- validating rows ---------------------------------------------------------------------------------
@@ -331,33 +380,11 @@ def validate_record(record: ManifestRecord) -> tuple[RowInput | None, Reject | N
         return None, Reject(record.source, record.line, None, None, reason, None)
     data = {k: v for k, v in record.raw.items() if not (isinstance(k, str) and k.startswith("_"))}
     try:
-        return RowInput.model_validate(data), None
-    except ValidationError as exc:
-        field, reason = explain_validation_error(exc)
-        return None, Reject(record.source, record.line, _row_id(record.raw), field, reason, _as_json(record.raw))
-
-
-def explain_validation_error(exc: ValidationError) -> tuple[str, str]:
-    """(first failing field, short reason) from a pydantic error.
-
-    e.g. ``("width", "must be a multiple of 16, got 100")`` or ``("colour", "unknown column")``.
-    """
-    err = exc.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in err["loc"]) or "(row)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return field, "unknown column"
-    if kind == "missing":
-        return field, "required"
-    if kind == "value_error":
-        # Our own validators already say what they got.
-        return field, str(err["msg"]).removeprefix("Value error, ")
-    reason = str(err["msg"])
-    value = err.get("input")
-    if isinstance(value, str | int | float):
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        reason += f", got {shown}"
-    return field, reason
+        return parse_row(data), None
+    except RequestError as error:
+        return None, Reject(
+            record.source, record.line, _row_id(record.raw), error.field, error.reason, _as_json(record.raw)
+        )
 
 
 def _row_id(raw: dict[str, Any]) -> str | None:

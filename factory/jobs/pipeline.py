@@ -1,48 +1,57 @@
-"""A run of a job: manifests -> Ray Data -> Serve replicas -> committed results, exactly once per row.
+"""A run of a job: plan chunks, validate them (once per run), then run and commit them, exactly once per row.
 
-The driver owns only small things: the list of manifest files, the ids already committed (for resume), the
-result writer and the progress line. Rows stream through Ray Data with bounded blocks; pixels go from the
-replica straight to storage inside the Ray Data worker and never reach the driver.
+The driver holds only what is proportional to the number of chunks: the plan, the chunks' states from one
+listing of the run's `_chunks/` folder, and their markers at the end. Rows never reach it. Workers validate
+and commit chunks themselves and report counts to the run's tally, which the progress line reads.
+
+    plan (reused by a re-run) -> validate + dedup (skipped once complete) -> deploy -> run chunks -> summary
+
+`factory validate` is the first half alone: the same reading and validation, no model replicas.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import pyarrow as pa
 import structlog
 
 from factory.errors import FactoryError
+from factory.io.layout import OutputLayout
+from factory.io.storage import Storage, join
+from factory.jobs.commit import (
+    DONE, DONE_WITH_FAILURES, REJECT_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_once,
+)
+from factory.jobs.dedup import DedupIndex, find_duplicates, shard_count
+from factory.jobs.manifests import expand_manifest_uris
+from factory.jobs.plan import Chunk, ChunkPlan, load_or_build_plan
 from factory.jobs.progress import Progress
-from factory.jobs.sinks import REJECT_SCHEMA, RESULT_SCHEMA, OutputLayout, PartWriter, read_table
-from factory.jobs.stages import REJECT, RESULT, RunContext, source_key
-from factory.jobs.storage import Storage, join
-from factory.jobs.summary import RunSummary, summarize
+from factory.jobs.spec import JobSpec
+from factory.jobs.summary import (
+    ChunkStats, ChunkValidation, RunSummary, ValidationSummary, summarize_run,
+)
+from factory.jobs.validate import ValidateContext, chunk_keys, duplicate_rejects, reject_row, staged_keys
 from factory.routing.parser import GenerationDefaults
+from factory.routing.tenants import TenantRegistry
 
 log = structlog.get_logger(__name__)
 
-
-ROW_BLOCK_BYTES = 16 * 1024
+# Reading and validating is CPU work; half a CPU each lets two chunks share a core with the I/O waits.
+VALIDATE_CPUS = 0.5
+MARKER_READERS = 16
 
 
 class JobAborted(FactoryError):
     """The error budget ran out; what was committed stays committed."""
 
 
-@dataclass
-class RunState:
-    failed: int = 0
-    finished: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-def output_root(spec, run_id: str) -> str:
+def output_root(spec: JobSpec, run_id: str) -> str:
     return join(spec.output, run_id)
 
 
-def generation_defaults(spec) -> GenerationDefaults:
+def generation_defaults(spec: JobSpec) -> GenerationDefaults:
     from factory.model.profiles import get_profile
 
     profile = get_profile(spec.profile).generator
@@ -54,116 +63,297 @@ def generation_defaults(spec) -> GenerationDefaults:
     )
 
 
-def load_committed(storage: Storage, layout: OutputLayout) -> tuple[dict[str, str], set[str]]:
-    """Rows and rejects that earlier attempts of this run already committed."""
-    results = read_table(storage, layout.results, ["id", "manifest", "manifest_line"], hive=True)
-    rejects = read_table(storage, layout.rejects, ["manifest", "manifest_line"])
-    rows = {} if results is None else {
-        row["id"]: source_key(row["manifest"], row["manifest_line"]) for row in results.to_pylist()
-    }
-    reject_keys = set() if rejects is None else {
-        source_key(row["manifest"], row["manifest_line"]) for row in rejects.to_pylist()
-    }
-    return rows, reject_keys
+@dataclass
+class Run:
+    """One attempt at a run: its plan and where every chunk stands."""
+
+    spec: JobSpec
+    run_id: str
+    storage: Storage
+    layout: OutputLayout
+    plan: ChunkPlan
+    states: dict[str, set[str]]  # chunk id -> marker names found under _chunks/<chunk>/
+    registry: TenantRegistry | None
+    started: float
+
+    @property
+    def log(self):
+        return log.bind(job=self.spec.name, run_id=self.run_id)
+
+    def context(self, tally) -> ValidateContext:
+        return ValidateContext(
+            run_id=self.run_id, layout=self.layout, storage=self.storage, defaults=generation_defaults(self.spec),
+            shards=shard_count(self.plan.total_rows), registry=self.registry, tally=tally,
+        )
 
 
-def count_rows(manifests: list[str], storage: Storage) -> int:
-    """For the progress line's total: one streaming pass, nothing kept."""
-    from factory.jobs.manifests import iter_manifest_records
-
-    return sum(1 for uri in manifests for _ in iter_manifest_records(uri, storage))
-
-
-def run_job(spec, run_id: str | None = None, address: str | None = None, show_progress: bool = True) -> RunSummary:
-    import ray
-
-    from factory.jobs.cluster import connect, deploy
-    from factory.jobs.ledger import RowLedger
-    from factory.jobs.manifests import expand_manifest_uris
-    from factory.jobs.stages import CallReplicas, order_by_adapter, read_manifests, validate_rows
-    from factory.routing.tenants import TenantRegistry
-
+def open_run(spec: JobSpec, run_id: str | None) -> Run:
+    """Plan the inputs (or reuse this run's plan) and read where every chunk stands, in one listing."""
+    started = time.monotonic()
     run_id = run_id or spec.name
     storage = Storage()
     layout = OutputLayout(output_root(spec, run_id))
-    run_log = log.bind(job=spec.name, run_id=run_id)
-    started = time.monotonic()
-
     manifests = expand_manifest_uris(spec.inputs, storage)
-    total_rows = count_rows(manifests, storage)
-    committed_rows, committed_rejects = load_committed(storage, layout)
-    if storage.exists(layout.success):
-        storage.delete(layout.success)  # a resumed run is unfinished until it finishes again
-    run_log.info("run starting", manifests=len(manifests), rows=total_rows, already_committed=len(committed_rows),
-                 output=layout.root)
-
+    plan = load_or_build_plan(manifests, storage, spec.chunk_rows, layout.plan)
+    if plan.problems:
+        rejects = [reject_row(run_id, problem.source, 0, "manifest", problem.reason) for problem in plan.problems]
+        publish_once(storage, layout.reject_part("plan"), parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)))
     registry = TenantRegistry.from_file(spec.tenants) if spec.tenants else None
-    connect(address)
-    app_name = spec.serve.app_name
-    deploy(spec, app_name, registry)
-    ctx = RunContext(
-        job=spec.name, run_id=run_id, layout=layout, storage=storage, defaults=generation_defaults(spec),
-        allow_http=spec.allow_http, app_name=app_name, in_flight=spec.in_flight, row_timeout_s=spec.row_timeout_s,
-        registry=registry,
-    )
-    ledger = ray.remote(RowLedger).options(num_cpus=0).remote(committed_rows, committed_rejects)
+    return Run(spec=spec, run_id=run_id, storage=storage, layout=layout, plan=plan,
+               states=chunk_states(storage, layout), registry=registry, started=started)
 
-    # Rows are a few hundred bytes of JSON. With Ray Data's default 128 MiB blocks a whole manifest would be
-    # one block, and results would reach the driver (and be committed) only when all of it was done; small
-    # blocks stream them back as they finish, and bound what a crash can lose.
-    ray.data.DataContext.get_current().target_max_block_size = ROW_BLOCK_BYTES
-    dataset = (
-        ray.data.from_items([{"uri": uri} for uri in manifests], override_num_blocks=max(1, len(manifests)))
-        .map_batches(read_manifests, batch_size=1, fn_kwargs={"ctx": ctx}, num_cpus=0.25)
-        .map_batches(validate_rows, batch_size=spec.batch_size * 4, fn_kwargs={"ctx": ctx, "ledger": ledger},
-                     num_cpus=0.25)
-        .map_batches(order_by_adapter, batch_size=spec.adapter_window, num_cpus=0.1)
-        .map_batches(CallReplicas, batch_size=spec.batch_size, fn_constructor_kwargs={"ctx": ctx},
-                     concurrency=spec.callers, num_cpus=0.1)
-    )
 
-    cadence = {"flush_rows": spec.commit.rows, "flush_seconds": spec.commit.seconds}
-    results = PartWriter(storage, layout.results, RESULT_SCHEMA, run_id, partition_by="tenant", **cadence)
-    rejects = PartWriter(storage, layout.rejects, REJECT_SCHEMA, run_id, **cadence)
-    state = RunState()
-    progress = Progress(total=max(total_rows - len(committed_rows), 0), enabled=show_progress)
+def chunk_states(storage: Storage, layout: OutputLayout) -> dict[str, set[str]]:
+    states: dict[str, set[str]] = {}
+    prefix = layout.chunks.rstrip("/") + "/"
+    for uri in storage.list_files(layout.chunks):
+        relative = uri[len(prefix):] if uri.startswith(prefix) else uri.rsplit("/_chunks/", 1)[-1]
+        chunk, _, name = relative.partition("/")
+        if name:
+            states.setdefault(chunk, set()).add(name)
+    return states
+
+
+def start_tally(spec: JobSpec | None):
+    import ray
+
+    from factory.jobs.tally import RunTally
+
+    budget = spec.error_budget if spec is not None else None
+    return ray.remote(RunTally).options(num_cpus=0).remote(budget)
+
+
+def ensure_validated(run: Run, tally, progress: Progress) -> DedupIndex:
+    """Every chunk validated and every duplicate id known: done once per run, then read back from its index."""
+    if run.storage.exists(run.layout.dedup_index):
+        return DedupIndex.model_validate_json(run.storage.read_bytes(run.layout.dedup_index))
+    import ray
+
+    ctx = run.context(tally)
+    index = DedupIndex(shards=ctx.shards)
+    chunks = run.plan.chunks
+    if chunks:
+        progress.phase("validating", sum(chunk.rows for chunk in chunks), "validated_rows")
+        keys = _keys(run, ctx, tally)
+        found = keys.groupby("shard", num_partitions=_shuffle_partitions(ctx.shards)).map_groups(
+            find_duplicates, batch_format="pyarrow", num_cpus=VALIDATE_CPUS,
+            fn_kwargs={"chunks": [(chunk.id, chunk.source) for chunk in chunks], "layout": run.layout,
+                       "storage": run.storage},
+        )
+        for row in _worker_rows(found, run):
+            index.chunks.setdefault(row["chunk"], []).append(int(row["shard"]))
+        if index.chunks:
+            by_id = {chunk.id: chunk for chunk in chunks}
+            written = ray.data.from_items(
+                [{"chunk": by_id[chunk_id].model_dump_json()} for chunk_id in sorted(index.chunks)],
+                override_num_blocks=len(index.chunks),
+            ).map_batches(duplicate_rejects, batch_size=1, fn_kwargs={"ctx": ctx, "index": index},
+                          batch_format="numpy", num_cpus=VALIDATE_CPUS)
+            for row in _worker_rows(written, run):
+                removed = ChunkValidation.model_validate_json(row["removed"])
+                index.removed[removed.chunk] = removed
+    run.storage.write_bytes(run.layout.dedup_index, index.model_dump_json().encode())
+    return index
+
+
+def _shuffle_partitions(shards: int) -> int:
+    """Ray's shuffle runs an aggregating actor per partition (its default is 200): one per CPU of the cluster is
+    enough to keep it busy. A partition's shards reach the duplicate finder one group at a time."""
+    import ray
+
+    return max(1, min(shards, int(ray.cluster_resources().get("CPU", 1))))
+
+
+def _keys(run: Run, ctx: ValidateContext, tally):
+    """Every valid row's key: from validating the chunks not validated yet, and from the staged requests of the
+    chunks an earlier attempt validated (read back as columns, not from the manifests)."""
+    import ray
+
+    fresh = [chunk for chunk in run.plan.chunks if VALIDATED not in run.states.get(chunk.id, ())]
+    done = [chunk for chunk in run.plan.chunks if VALIDATED in run.states.get(chunk.id, ())]
+    branches = []
+    if fresh:
+        branches.append(ray.data.from_items(
+            [{"chunk": chunk.model_dump_json()} for chunk in fresh], override_num_blocks=len(fresh),
+        ).map_batches(chunk_keys, batch_size=1, fn_kwargs={"ctx": ctx}, batch_format="numpy",
+                      num_cpus=VALIDATE_CPUS))
+    if done:
+        filesystem, _ = run.storage.arrow_filesystem(run.layout.root)
+        paths = {run.storage.arrow_filesystem(run.layout.chunk_file(chunk.id, STAGED_REQUESTS))[1]: chunk.ordinal
+                 for chunk in done}
+        branches.append(ray.data.read_parquet(
+            list(paths), filesystem=filesystem, columns=["id", "line"], include_paths=True,
+        ).map_batches(staged_keys, fn_kwargs={"ordinals": paths, "shards": ctx.shards}, batch_format="pyarrow",
+                      batch_size=None, num_cpus=VALIDATE_CPUS))
+        tally.add.remote({"validated_rows": sum(chunk.rows for chunk in done)})
+    return branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
+
+
+def _worker_rows(dataset, run: Run):
+    """The (small) output rows of a Ray Data stage; a worker's failure becomes one line naming its cause."""
     try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for kind, payload in zip(batch["kind"], batch["payload"]):
-                row = json.loads(payload)
-                if kind == REJECT:
-                    rejects.add(row)
-                    status = "rejected"
-                elif kind == RESULT:
-                    row["finished_at"] = _timestamp(row["finished_at"])
-                    results.add(row)
-                    status = row["status"]
-                else:  # pragma: no cover - a stage emitted something unknown: a bug, not bad input
-                    raise RuntimeError(f"unexpected row kind {kind!r}")
-                state.counts[status] = state.counts.get(status, 0) + 1
-                state.failed += status == "failed"
-                state.finished += status != "rejected"
-                progress.update(state.counts)
-            if spec.error_budget.exceeded(state.failed, state.finished):
-                raise JobAborted(
-                    f"job {spec.name}: {state.failed} of {state.finished} rows failed, over the error budget; "
-                    f"stopped, committed rows are kept under {layout.root} (re-run with --run-id {run_id} to resume)"
-                )
-    finally:
-        # Whatever happens, rows that reached the driver are committed.
-        results.flush()
-        rejects.flush()
-        progress.close()
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from batch.to_pylist()
+    except FactoryError:
+        raise
+    except Exception as error:
+        raise worker_failure(error, run) from None
 
-    summary = summarize(storage, layout, run_id=run_id, job=spec.name, wall_seconds=time.monotonic() - started)
-    storage.write_bytes(layout.summary, summary.model_dump_json(indent=2).encode())
-    storage.write_bytes(layout.success, b"")
-    run_log.info("run finished", **summary.by_status)
+
+def worker_failure(error: BaseException, run: Run) -> FactoryError:
+    """A Ray-wrapped exception from a worker, as the one line a person needs (the cause, and how to resume)."""
+    cause: BaseException | None = error
+    seen = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, FactoryError):
+            break
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    text = str(cause if isinstance(cause, FactoryError) else error).strip().splitlines()
+    message = text[-1] if text else type(error).__name__
+    return FactoryError(f"job {run.spec.name}: a worker failed: {message}; committed work is kept under "
+                        f"{run.layout.root} (re-run with --run-id {run.run_id} to resume)")
+
+
+# ---- factory run ----------------------------------------------------------------------------------------
+
+
+def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None, show_progress: bool = True,
+            retry_failed: bool | None = None) -> RunSummary:
+    import ray
+
+    from factory.jobs.caller import CallContext, ChunkCaller
+    from factory.jobs.cluster import connect, default_app_name, deploy, release
+
+    run = open_run(spec, run_id)
+    retry_failed = spec.retry_failed if retry_failed is None else retry_failed
+    if run.storage.exists(run.layout.success):
+        run.storage.delete(run.layout.success)  # a resumed run is unfinished until it finishes again
+    connect(address)
+    tally = start_tally(spec)
+    progress = Progress(tally, enabled=show_progress)
+    app_name = spec.serve.app_name or default_app_name(spec.name)
+    owned = spec.serve.app_name is None
+    fresh: dict[str, ChunkStats] = {}
+    try:
+        index = ensure_validated(run, tally, progress)
+        pending = [chunk for chunk in run.plan.chunks if not _finished(run.states.get(chunk.id, set()), retry_failed)]
+        run.log.info("run starting", chunks=len(run.plan.chunks), pending=len(pending), output=run.layout.root)
+        if pending:
+            deploy(spec, app_name, run.registry, owned=owned)
+            progress.phase("rows", sum(chunk.rows for chunk in pending), "settled", "ok", "blocked", "rejected", "failed")
+            ctx = CallContext(
+                job=spec.name, chunks=run.context(tally), dedup=index, app_name=app_name, in_flight=spec.in_flight,
+                row_timeout_s=spec.row_timeout_s, retry=spec.retry, allow_http=spec.allow_http,
+                flush_rows=spec.commit.rows, flush_seconds=spec.commit.seconds, adapter_window=spec.adapter_window,
+                retry_failed=retry_failed,
+            )
+            dataset = ray.data.from_items(
+                [{"chunk": chunk.model_dump_json()} for chunk in pending], override_num_blocks=len(pending)
+            ).map_batches(
+                ChunkCaller, batch_size=1, fn_constructor_kwargs={"ctx": ctx}, batch_format="numpy", num_cpus=0,
+                compute=ray.data.ActorPoolStrategy(size=spec.callers,
+                                                   max_concurrent_calls_per_actor=spec.chunks_per_caller),
+            )
+            try:
+                for row in _worker_rows(dataset, run):
+                    stats = ChunkStats.model_validate_json(row["stats"])
+                    fresh[stats.chunk] = stats
+            except FactoryError:
+                _, stopped = ray.get(tally.snapshot.remote())
+                if stopped:
+                    raise JobAborted(
+                        f"job {spec.name}: {stopped}; stopped, committed rows are kept under {run.layout.root} "
+                        f"(re-run with --run-id {run.run_id} to resume)"
+                    ) from None
+                raise
+    finally:
+        progress.close()
+        if owned and not spec.serve.keep_warm:
+            release(app_name)
+
+    counts, _ = ray.get(tally.snapshot.remote())
+    markers = _read_markers(run, fresh)
+    summary = summarize_run(
+        markers, job=spec.name, run_id=run.run_id, output=run.layout.root,
+        plan_rejects=len(run.plan.problems), rows_read=counts.get("rows_read", 0),
+        rows_read_again=counts.get("rows_read_again", 0),
+        wall_seconds=time.monotonic() - run.started,
+    )
+    run.storage.write_bytes(run.layout.summary, summary.model_dump_json(indent=2).encode())
+    run.storage.write_bytes(run.layout.success, b"")
+    run.log.info("run finished", **summary.by_status)
     return summary
 
 
-def _timestamp(text: str):
-    from datetime import datetime
+def _finished(states: set[str], retry_failed: bool) -> bool:
+    return DONE in states or (DONE_WITH_FAILURES in states and not retry_failed)
 
-    return datetime.fromisoformat(text)
 
+def _read_markers(run: Run, fresh: dict[str, ChunkStats]) -> list[ChunkStats]:
+    """Every chunk's marker: this attempt's from the workers' output, earlier attempts' from storage."""
+    def read(chunk: Chunk) -> ChunkStats:
+        if chunk.id in fresh:
+            return fresh[chunk.id]
+        for name in (DONE, DONE_WITH_FAILURES):
+            if name in run.states.get(chunk.id, ()):
+                return ChunkStats.model_validate_json(run.storage.read_bytes(run.layout.chunk_file(chunk.id, name)))
+        raise FactoryError(f"chunk {chunk.id} of {chunk.source} has no marker: the run did not finish it")
+
+    with ThreadPoolExecutor(MARKER_READERS) as pool:
+        return list(pool.map(read, run.plan.chunks))
+
+
+# ---- factory validate -------------------------------------------------------------------------------------
+
+
+def validate_job(spec: JobSpec, run_id: str | None = None, address: str | None = None,
+                 show_progress: bool = True) -> ValidationSummary:
+    """Read and validate every row as `factory run` would, with no model replicas: counts by tenant, task and
+    adapter, every reject written, and an estimate of the model time the run would take."""
+    import ray
+
+    from factory.jobs.cluster import connect
+    from factory.model.profiles import get_profile
+
+    run = open_run(spec, run_id)
+    connect(address)
+    tally = start_tally(None)
+    progress = Progress(tally, enabled=show_progress)
+    try:
+        index = ensure_validated(run, tally, progress)
+    finally:
+        progress.close()
+
+    def read(chunk: Chunk) -> ChunkValidation:
+        return ChunkValidation.model_validate_json(
+            run.storage.read_bytes(run.layout.chunk_file(chunk.id, VALIDATED))
+        )
+
+    total = ChunkValidation(chunk="*")
+    with ThreadPoolExecutor(MARKER_READERS) as pool:
+        for found in pool.map(read, run.plan.chunks):
+            total.merge(found)
+    for removed in index.removed.values():
+        total.remove(removed)
+    counts, _ = ray.get(tally.snapshot.remote())
+    cost = get_profile(spec.profile).cost
+    generated = total.tasks.get("generate", 0)
+    captions, answers = total.tasks.get("caption", 0), total.tasks.get("vqa", 0)
+    model_seconds = (
+        total.generate_step_megapixels * cost.seconds_per_step_megapixel + captions * cost.seconds_per_caption
+        + answers * cost.seconds_per_answer + (generated + captions + answers) * cost.seconds_per_safety_check
+    )
+    wall = time.monotonic() - run.started
+    summary = ValidationSummary(
+        job=spec.name, run_id=run.run_id, output=run.layout.root, rows=total.rows_read,
+        requests=total.requests, rejects=total.rejects + total.duplicates + len(run.plan.problems),
+        duplicates=total.duplicates, unreadable_manifests=len(run.plan.problems), tenants=total.tenants,
+        tasks=total.tasks, adapters=total.adapters, reject_fields=total.reject_fields,
+        model_seconds=round(model_seconds, 1), estimate_basis=f"{spec.profile} on {cost.hardware}: {cost.basis}",
+        rows_read=counts.get("rows_read", 0), rows_read_again=counts.get("rows_read_again", 0),
+        wall_seconds=round(wall, 2),
+        rows_per_second=round(total.rows_read / max(wall, 1e-9), 1),
+    )
+    run.storage.write_bytes(run.layout.validation, summary.model_dump_json(indent=2).encode())
+    return summary

@@ -1,11 +1,11 @@
-"""The final summary table a person reads at the end of a run."""
+"""The tables a person reads at the end of a run or a validation."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 
-from factory.jobs.summary import RunSummary
+from factory.jobs.summary import RunSummary, ValidationSummary
 
 STATUSES = ("ok", "blocked", "rejected", "failed")
 
@@ -26,5 +26,30 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     console.print(
         f"{summary.rows} rows, {summary.rejects} rejects, {summary.images} images in {summary.wall_seconds:.1f} s "
         f"({summary.images_per_second:.2f} images/s); output: {summary.output}",
+        soft_wrap=True,
+    )
+
+
+def _counts_table(title: str, counts: dict[str, int]) -> Table:
+    table = Table(title=title)
+    table.add_column(title.split(" ")[-1])
+    table.add_column("rows", justify="right")
+    for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        table.add_row(name, str(count))
+    return table
+
+
+def print_validation(summary: ValidationSummary, console: Console | None = None) -> None:
+    console = console or Console(stderr=False)
+    for title, counts in (("rows by tenant", summary.tenants), ("rows by task", summary.tasks),
+                          ("rows by adapter", summary.adapters), ("rejects by field", summary.reject_fields)):
+        if counts:
+            console.print(_counts_table(title, counts))
+    hours = summary.model_seconds / 3600
+    console.print(
+        f"{summary.rows} rows: {summary.requests} would run, {summary.rejects} rejects ({summary.duplicates} duplicate "
+        f"ids, {summary.unreadable_manifests} unreadable manifests); estimated model time {summary.model_seconds:.0f} s "
+        f"({hours:.2f} h) for {summary.estimate_basis}; validated in {summary.wall_seconds:.1f} s "
+        f"({summary.rows_per_second:.0f} rows/s); rejects and counts under {summary.output}",
         soft_wrap=True,
     )

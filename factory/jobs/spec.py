@@ -20,7 +20,7 @@ import structlog
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from factory.errors import ConfigError
+from factory.errors import ConfigError, Loc, one_line, validation_problems
 from factory.routing.requests import MAX_SIDE, MAX_STEPS, MIN_SIDE
 from factory.safety.policy import SafetyPolicy
 
@@ -50,11 +50,18 @@ class Defaults(_Section):
 class ServeConfig(_Section):
     """How the Serve replicas that do the work are deployed."""
 
-    app_name: str = Field(
-        default="factory",
+    app_name: str | None = Field(
+        default=None,
         min_length=1,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
-        description="Serve application name; jobs with the same name share (and update) one set of replicas",
+        description="Serve application to run in. Unset: the job's own app, `factory-<job name>`, deployed for "
+        "the run (and deleted after it unless keep_warm). Set: an app to join, such as a warm serving fleet; "
+        "it is deployed if absent, and a job refuses it if it is serving another config",
+    )
+    keep_warm: bool = Field(
+        default=False,
+        description="Leave the job's own app running after the run, so the next run of the same config starts "
+        "warm; otherwise its replicas give their CPUs/GPUs back when the run ends",
     )
     replicas: int = Field(default=1, ge=1, description="Number of model replicas (one per GPU or CPU slot)")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica")
@@ -74,6 +81,12 @@ class ServeConfig(_Section):
     )
     max_adapter_bytes: int = Field(
         default=2 * 1024**3, ge=1, description="Bytes of LoRA weights a replica keeps loaded (LRU)"
+    )
+    lora_hotswap_rank: int | None = Field(
+        default=None, ge=1,
+        description="Load adapters by hot-swapping them into fixed slots padded to this rank, so a "
+        "torch.compile'd transformer is not recompiled per adapter; adapters of a higher rank, or with "
+        "text-encoder layers, are refused. Pair it with max_adapters: 1. Unset: plain loading",
     )
 
 
@@ -102,10 +115,19 @@ def _input_from_spec_dir(value: str, info: ValidationInfo) -> str:
     return _resolve_location(value, _spec_dir(info))
 
 
+class RetryConfig(_Section):
+    """Transient faults (a replica that died, a timeout, a dropped connection, Serve shedding load) are retried
+    with exponential backoff before a row is called failed."""
+
+    attempts: int = Field(default=4, ge=1, le=20, description="Calls per row, the first included")
+    backoff_s: float = Field(default=1.0, ge=0, description="Wait before the second call; doubles per attempt")
+    max_backoff_s: float = Field(default=30.0, ge=0, description="Longest wait between two calls")
+
+
 class CommitConfig(_Section):
     """Rows are committed in whole Parquet files; smaller, more frequent files lose less work to a crash."""
 
-    rows: int = Field(default=256, ge=1, description="Commit once this many rows are waiting")
+    rows: int = Field(default=256, ge=1, description="Commit once this many of a chunk's rows are waiting")
     seconds: float = Field(default=5.0, gt=0, description="Commit at least this often while rows are waiting")
 
 
@@ -124,21 +146,34 @@ class JobSpec(_Section):
     profile: str = Field(default="tiny", min_length=1, description="Model profile to load (see factory.model.profiles)")
     defaults: Defaults = Field(default_factory=Defaults, description="Values for rows that leave them out")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serve deployment of the model replicas")
-    in_flight: int = Field(default=8, ge=1, description="Most requests the pipeline keeps in flight to the replicas")
-    batch_size: int = Field(default=8, ge=1, description="Rows per Ray Data batch")
-    adapter_window: int = Field(
-        default=64, ge=1, description="Rows are ordered by adapter within windows of this many, so replicas "
-        "switch adapters far less often than a shuffled manifest would make them (1 keeps manifest order)"
+    chunk_rows: int = Field(
+        default=4096, ge=1, le=1_000_000,
+        description="Manifest lines per chunk: the unit of work, commit and resume. A re-run skips finished chunks "
+        "and redoes at most the uncommitted rows of the chunks that were in progress",
+    )
+    in_flight: int = Field(default=8, ge=1, description="Most requests each caller keeps in flight to the replicas")
+    adapter_window: int | None = Field(
+        default=None, ge=1, description="A chunk's rows are ordered by adapter (stable), within windows of this "
+        "many rows or, unset, the whole chunk, so replicas switch adapters far less often than a shuffled manifest "
+        "would make them (1 keeps manifest order)"
     )
     callers: int = Field(
         default=1, ge=1, description="Ray Data actors calling the replicas; each keeps up to in_flight requests going"
+    )
+    chunks_per_caller: int = Field(
+        default=2, ge=1, description="Chunks a caller works on at once, so one chunk's tail overlaps the next's start"
+    )
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="Retries of transient faults per row")
+    retry_failed: bool = Field(
+        default=True, description="A re-run of a run retries its rows that ended failed (ok, blocked and rejected "
+        "rows stay final); false keeps failed rows as they are"
     )
     error_budget: ErrorBudget = Field(
         default_factory=ErrorBudget, description="Failures tolerated before the job stops"
     )
     row_timeout_s: float = Field(
-        default=600.0, gt=0, description="A row whose replica call takes longer is failed (and counts against "
-        "the error budget)"
+        default=600.0, gt=0, description="A replica call that takes longer is cancelled and retried; a row whose "
+        "every attempt timed out is failed (and counts against the error budget)"
     )
     commit: CommitConfig = Field(
         default_factory=CommitConfig, description="How often finished rows are committed to results"
@@ -223,7 +258,7 @@ def load_spec(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Jo
     try:
         spec = JobSpec.model_validate(data, context={_CONTEXT_SPEC_DIR: os.path.abspath(spec_path.parent)})
     except ValidationError as exc:
-        raise ConfigError(f"{spec_path}: {format_validation_error(exc, JobSpec)}") from exc
+        raise ConfigError(f"{spec_path}: {one_line(validation_problems(exc, _meant))}") from exc
     log.debug("spec.loaded", path=str(spec_path), name=spec.name, overrides=list(overrides))
     return spec
 
@@ -261,7 +296,7 @@ def _check_key(parts: list[str]) -> None:
         if field is None:
             full = ".".join(parts)
             named = "" if dotted == full else f" {dotted}"
-            raise ConfigError(f"--set {full}: unknown key{named}{_suggest(part, model, parts[:i])}")
+            raise ConfigError(f"--set {full}: unknown field{named}{_suggest(part, model, parts[:i])}")
         sub, free = _section_of(field.annotation)
         if i < len(parts) - 1 and sub is None and not free:
             raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is a value, not a section")
@@ -300,32 +335,9 @@ def _suggest(key: str, model: type[BaseModel] | None, parents: Iterable[Any] = (
     return f" (did you mean {prefix}{close[0]}?)"
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(spec)"
-
-
-def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
-    """One line naming each failing dotted key and why, e.g. ``serve.replicas: Input should be ...``."""
-    messages = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(err["loc"])
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            reason = "unknown key" + _suggest(str(loc[-1]), _model_at(root, loc[:-1]), loc[:-1])
-        elif kind == "missing":
-            reason = "required"
-        elif kind == "value_error":
-            reason = str(err["msg"]).removeprefix("Value error, ")
-        else:
-            reason = str(err["msg"])
-        messages.append(f"{_dotted(loc)}: {reason}")
-    shown = "; ".join(messages[:3])
-    if len(messages) > 3:
-        shown += f" (and {len(messages) - 3} more)"
-    return shown
+def _meant(loc: Loc) -> str:
+    """The did-you-mean for an unknown key at `loc` in a spec file, or ""."""
+    return _suggest(str(loc[-1]), _model_at(JobSpec, loc[:-1]), loc[:-1])
 
 
 def _yaml_where(exc: yaml.YAMLError) -> str:

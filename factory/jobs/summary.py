@@ -1,18 +1,66 @@
-"""The run summary, computed from what is committed (so a resumed run reports every attempt's rows)."""
+"""Counts of a run, per chunk and in all: what the chunk markers hold and the summaries add up.
+
+Every finished chunk leaves a small marker with its counts, so a run's summary is the sum of its markers and a
+resumed run reports every attempt's rows without reading a result back. Nothing here holds a row.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
+
 from pydantic import BaseModel, Field
 
-from factory.jobs.sinks import OutputLayout, read_table
-from factory.jobs.storage import Storage
+
+def _add(counts: dict[str, int], key: str, amount: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + amount
+
+
+def _merged(left: dict[str, int], right: dict[str, int]) -> dict[str, int]:
+    return dict(sorted((Counter(left) + Counter(right)).items()))
 
 
 class TenantSummary(BaseModel):
-    rows: int
-    by_status: dict[str, int]
-    images: int
-    compute_seconds: float = Field(description="Model time charged to the tenant (amortised per row)")
+    rows: int = 0
+    by_status: dict[str, int] = Field(default_factory=dict)
+    images: int = 0
+    compute_seconds: float = Field(default=0.0, description="Model time charged to the tenant (amortised per row)")
+
+    def merge(self, other: TenantSummary) -> None:
+        self.rows += other.rows
+        self.by_status = _merged(self.by_status, other.by_status)
+        self.images += other.images
+        self.compute_seconds = round(self.compute_seconds + other.compute_seconds, 6)
+
+
+class ChunkStats(BaseModel):
+    """What a finished chunk committed, over all attempts: the content of its marker."""
+
+    chunk: str
+    rows: int = 0
+    rejects: int = 0
+    by_status: dict[str, int] = Field(default_factory=dict)
+    tenants: dict[str, TenantSummary] = Field(default_factory=dict)
+
+    def add_result(self, tenant: str, status: str, has_image: bool, latency_ms: float | None) -> None:
+        self.rows += 1
+        _add(self.by_status, status)
+        entry = self.tenants.setdefault(tenant, TenantSummary())
+        entry.rows += 1
+        _add(entry.by_status, status)
+        entry.images += has_image
+        entry.compute_seconds += (latency_ms or 0.0) / 1000
+
+    def add_results(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            self.add_result(row["tenant"], row["status"], row["image_uri"] is not None, row["latency_ms"])
+
+    def merge(self, other: ChunkStats) -> None:
+        self.rows += other.rows
+        self.rejects += other.rejects
+        self.by_status = _merged(self.by_status, other.by_status)
+        for name, tenant in other.tenants.items():
+            self.tenants.setdefault(name, TenantSummary()).merge(tenant)
 
 
 class RunSummary(BaseModel):
@@ -24,32 +72,102 @@ class RunSummary(BaseModel):
     by_status: dict[str, int]
     tenants: dict[str, TenantSummary]
     images: int
+    chunks: int
+    rows_read: int = Field(description="Manifest rows this attempt read (a resumed run reads only unfinished chunks)")
+    rows_read_again: int = Field(default=0, description="Of those, rows of chunks an earlier attempt had started")
     wall_seconds: float
     images_per_second: float
     rows_per_second: float
 
 
-def summarize(storage: Storage, layout: OutputLayout, *, run_id: str, job: str, wall_seconds: float) -> RunSummary:
-    results = read_table(storage, layout.results, ["tenant", "status", "image_uri", "latency_ms"], hive=True)
-    rejects = read_table(storage, layout.rejects, ["manifest"])
-    rows = [] if results is None else results.to_pylist()
-    by_status: dict[str, int] = {}
-    tenants: dict[str, TenantSummary] = {}
-    for row in rows:
-        by_status[row["status"]] = by_status.get(row["status"], 0) + 1
-        tenant = tenants.setdefault(row["tenant"], TenantSummary(rows=0, by_status={}, images=0, compute_seconds=0.0))
-        tenant.rows += 1
-        tenant.by_status[row["status"]] = tenant.by_status.get(row["status"], 0) + 1
-        tenant.images += row["image_uri"] is not None
-        tenant.compute_seconds += (row["latency_ms"] or 0.0) / 1000
+def summarize_run(markers: Iterable[ChunkStats], *, job: str, run_id: str, output: str, plan_rejects: int,
+                  rows_read: int, rows_read_again: int, wall_seconds: float) -> RunSummary:
+    total = ChunkStats(chunk="*")
+    count = 0
+    for marker in markers:
+        total.merge(marker)
+        count += 1
+    tenants = {name: total.tenants[name] for name in sorted(total.tenants)}
     for tenant in tenants.values():
         tenant.compute_seconds = round(tenant.compute_seconds, 3)
-    reject_count = 0 if rejects is None else rejects.num_rows
-    images = sum(t.images for t in tenants.values())
+    images = sum(tenant.images for tenant in tenants.values())
     wall = max(wall_seconds, 1e-9)
     return RunSummary(
-        job=job, run_id=run_id, output=layout.root, rows=len(rows), rejects=reject_count,
-        by_status=dict(sorted(by_status.items())), tenants=dict(sorted(tenants.items())), images=images,
+        job=job, run_id=run_id, output=output, rows=total.rows, rejects=total.rejects + plan_rejects,
+        by_status=total.by_status, tenants=tenants, images=images, chunks=count, rows_read=rows_read,
+        rows_read_again=rows_read_again,
         wall_seconds=round(wall_seconds, 2), images_per_second=round(images / wall, 3),
-        rows_per_second=round(len(rows) / wall, 3),
+        rows_per_second=round(total.rows / wall, 3),
     )
+
+
+class ChunkValidation(BaseModel):
+    """What validating one chunk found: the content of its `validated` marker."""
+
+    chunk: str
+    rows_read: int = 0
+    requests: int = 0
+    rejects: int = 0
+    duplicates: int = 0
+    tenants: dict[str, int] = Field(default_factory=dict)
+    tasks: dict[str, int] = Field(default_factory=dict)
+    adapters: dict[str, int] = Field(default_factory=dict)
+    reject_fields: dict[str, int] = Field(default_factory=dict)
+    generate_step_megapixels: float = Field(
+        default=0.0, description="Sum over generation rows of steps x megapixels: what generation time scales with"
+    )
+    read_before: bool = Field(default=False, description="An earlier attempt had started reading this chunk")
+
+    def add_request(self, tenant: str, task: str, adapter: str, step_megapixels: float) -> None:
+        self.requests += 1
+        _add(self.tenants, tenant)
+        _add(self.tasks, task)
+        _add(self.adapters, adapter)
+        self.generate_step_megapixels += step_megapixels
+
+    def add_reject(self, field: str) -> None:
+        self.rejects += 1
+        _add(self.reject_fields, field)
+
+    def remove(self, other: ChunkValidation) -> None:
+        """Take away requests that will not run after all (duplicates of an earlier row)."""
+        self.requests -= other.requests
+        self.duplicates += other.requests
+        for mine, theirs in ((self.tenants, other.tenants), (self.tasks, other.tasks), (self.adapters, other.adapters)):
+            for key, count in theirs.items():
+                mine[key] = mine.get(key, 0) - count
+                if not mine[key]:
+                    del mine[key]
+        self.generate_step_megapixels -= other.generate_step_megapixels
+
+    def merge(self, other: ChunkValidation) -> None:
+        self.rows_read += other.rows_read
+        self.requests += other.requests
+        self.rejects += other.rejects
+        self.duplicates += other.duplicates
+        self.tenants = _merged(self.tenants, other.tenants)
+        self.tasks = _merged(self.tasks, other.tasks)
+        self.adapters = _merged(self.adapters, other.adapters)
+        self.reject_fields = _merged(self.reject_fields, other.reject_fields)
+        self.generate_step_megapixels += other.generate_step_megapixels
+
+
+class ValidationSummary(BaseModel):
+    job: str
+    run_id: str
+    output: str
+    rows: int = Field(description="Rows in the manifests")
+    requests: int = Field(description="Rows that would run (valid, not duplicates)")
+    rejects: int
+    duplicates: int
+    unreadable_manifests: int
+    tenants: dict[str, int]
+    tasks: dict[str, int]
+    adapters: dict[str, int]
+    reject_fields: dict[str, int]
+    model_seconds: float = Field(description="Estimated model time for the requests, from the profile's figures")
+    estimate_basis: str
+    rows_read: int
+    rows_read_again: int = Field(default=0, description="Of rows_read, rows of chunks an earlier attempt had started")
+    wall_seconds: float
+    rows_per_second: float

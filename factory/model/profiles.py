@@ -7,11 +7,8 @@ folder; production profiles point at the real FLUX.1 checkpoints and a real VLM.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Literal
 
-import platformdirs
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.errors import ConfigError
@@ -52,6 +49,20 @@ class VLMProfile(BaseModel):
     )
 
 
+class CostModel(BaseModel):
+    """Model seconds per unit of work on the hardware a profile is meant for: what `factory validate` multiplies
+    a job's counts by to say how long its models will run before any GPU is booked. Estimates, not promises."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hardware: str = Field(description="Where the figures hold")
+    seconds_per_step_megapixel: float = Field(ge=0, description="Generation: seconds per denoising step per megapixel")
+    seconds_per_caption: float = Field(ge=0)
+    seconds_per_answer: float = Field(ge=0)
+    seconds_per_safety_check: float = Field(ge=0, description="Per image scored (generated or input)")
+    basis: str = Field(description="Where the figures come from")
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,6 +70,17 @@ class Profile(BaseModel):
     description: str
     generator: GeneratorProfile
     vlm: VLMProfile
+    cost: CostModel
+
+
+# Published: FLUX.1-dev, 28 steps at 1024x1024 (1.05 MP), plain diffusers bf16 on one H100: 6.7 s per image
+# (PyTorch blog "torch.compile and Diffusers"); the 4-step schnell has the same transformer, so the same cost
+# per step. The VLM and detector figures are rough single-request figures for a 3B VLM and NudeNet on CPU.
+_H100_BF16 = CostModel(
+    hardware="one H100, bf16, plain diffusers", seconds_per_step_megapixel=6.7 / (28 * 1.048576),
+    seconds_per_caption=0.25, seconds_per_answer=0.25, seconds_per_safety_check=0.08,
+    basis="FLUX.1-dev 6.7 s/image at 1024x1024, 28 steps (PyTorch blog); VLM and NudeNet figures are rough",
+)
 
 
 PROFILES: dict[str, Profile] = {
@@ -70,12 +92,19 @@ PROFILES: dict[str, Profile] = {
             guidance=3.5, max_sequence_length=64,
         ),
         vlm=VLMProfile(source=TINY_SOURCE, dtype="float32", device="cpu", max_new_tokens=16),
+        # Measured by bench/tasks.py on a 2-core CPU (docs/benchmarks.md): 34 ms per 256x256 image at 4 steps
+        # in batches of 4, 8.5 ms per caption or answer in batches of 4, 23 ms per NudeNet check.
+        cost=CostModel(
+            hardware="2 CPU cores", seconds_per_step_megapixel=0.034 / (4 * 0.065536), seconds_per_caption=0.0085,
+            seconds_per_answer=0.0083, seconds_per_safety_check=0.023, basis="bench/tasks.py on this CPU",
+        ),
     ),
     "flux-dev": Profile(
         name="flux-dev",
         description="FLUX.1-dev (28 steps, guidance-distilled) + Qwen2.5-VL-3B-Instruct, bf16 on GPU",
         generator=GeneratorProfile(source="black-forest-labs/FLUX.1-dev", steps=28, guidance=3.5),
         vlm=VLMProfile(source="Qwen/Qwen2.5-VL-3B-Instruct"),
+        cost=_H100_BF16,
     ),
     "flux-schnell": Profile(
         name="flux-schnell",
@@ -84,14 +113,9 @@ PROFILES: dict[str, Profile] = {
             source="black-forest-labs/FLUX.1-schnell", steps=4, guidance=0.0, max_sequence_length=256
         ),
         vlm=VLMProfile(source="Qwen/Qwen2.5-VL-3B-Instruct"),
+        cost=_H100_BF16,
     ),
 }
-
-
-def factory_home() -> Path:
-    """Where built checkpoints live: $FACTORY_HOME, else the user's cache dir."""
-    configured = os.environ.get("FACTORY_HOME")
-    return Path(configured) if configured else Path(platformdirs.user_cache_dir("factory"))
 
 
 def get_profile(name: str) -> Profile:

@@ -12,7 +12,8 @@ from PIL import Image
 from factory.errors import ModelError
 from factory.model.generator import FluxGenerator, GenerationParams
 from factory.logs import quiet_library_noise
-from factory.model.profiles import TINY_SOURCE, Profile, factory_home, get_profile
+from factory.model.profiles import TINY_SOURCE, Profile, get_profile
+from factory.paths import factory_home
 from factory.model.tiny import BUILDER_VERSION, ensure_tiny
 from factory.model.vlm import VisionLanguageModel
 

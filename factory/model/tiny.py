@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from factory.model.profiles import factory_home
+from factory.paths import factory_home
 
 log = structlog.get_logger(__name__)
 

@@ -1,10 +1,10 @@
 """Run resolved requests through a ModelStack: one library call per task (and per call shape) per batch,
 with the safety policy applied before anything leaves.
 
-The Serve replica and the local CLI both go through here, so a row behaves the same in a job, over HTTP and
-on the command line. Order of checks: a generation prompt is filtered before the generator sees it; a
-generated image is scored before its bytes are attached to the result (a blocked image is dropped here, a
-quarantined one travels only as `quarantine_png`); an input image is scored before it is captioned.
+`BatchRunner` calls it for a job's Serve replicas and for the CLI alike, so a row behaves the same in a job and on
+the command line. Order of checks: a generation prompt is filtered before the generator sees it; a generated
+image is scored before its bytes are attached to the result (a blocked image is dropped here, a quarantined one
+travels only as `quarantine_png`); an input image is scored before it is captioned.
 """
 
 from __future__ import annotations

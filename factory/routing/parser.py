@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from factory.errors import InputError
+from factory.errors import InputError, validation_problems
 from factory.routing.requests import RowInput, Task, TaskRequest
 
 QUESTION_PREFIX = "question:"
@@ -26,7 +26,7 @@ TASK_ALIASES: dict[str, Task] = {
 
 
 class RequestError(InputError):
-    """A request that cannot run; `field` names the offending field for rejects tables and HTTP 422s."""
+    """A request that cannot run; `field` names the offending field for the rejects table and the CLI's error."""
 
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
@@ -43,21 +43,13 @@ class GenerationDefaults(BaseModel):
     guidance: float
 
 
-def first_validation_problem(error: ValidationError) -> RequestError:
-    """pydantic reports every problem; a person needs the first one, with its field named."""
-    problem = error.errors()[0]
-    field = ".".join(str(part) for part in problem["loc"]) or "row"
-    message = problem["msg"].removeprefix("Value error, ")
-    if problem["type"] == "extra_forbidden":
-        message = "unknown field"
-    return RequestError(field, message)
-
-
 def parse_row(raw: dict[str, Any]) -> RowInput:
+    """Check one row's shape; the first problem (in field order) is the one a rejects table can name."""
     try:
         return RowInput.model_validate(raw)
     except ValidationError as error:
-        raise first_validation_problem(error) from None
+        first = validation_problems(error)[0]
+        raise RequestError(first.field or "row", first.reason) from None
 
 
 def default_seed(tenant: str, row_id: str) -> int:
@@ -97,7 +89,7 @@ def parse_request(raw: dict[str, Any] | RowInput, defaults: GenerationDefaults) 
             raise RequestError("prompt", "required for text-to-image")
         if row.image is not None:
             raise RequestError("image", "text-to-image takes no input image")
-        return TaskRequest(
+        return _request(
             **common, prompt=row.prompt,
             seed=row.seed if row.seed is not None else default_seed(row.tenant, row.id),
             steps=row.steps or defaults.steps, width=row.width or defaults.width,
@@ -112,10 +104,16 @@ def parse_request(raw: dict[str, Any] | RowInput, defaults: GenerationDefaults) 
         question = _strip_prefix(question, QUESTION_PREFIX)
         if not question:
             raise RequestError("question", "required for vqa (a 'question' field or a 'Question: ...' prompt)")
-        return TaskRequest(**common, prompt=row.prompt, question=question, image=row.image)
+        return _request(**common, prompt=row.prompt, question=question, image=row.image)
 
     instruction = _strip_prefix(row.prompt or "", DESCRIBE_PREFIX) or None
-    return TaskRequest(**common, prompt=instruction, image=row.image)
+    return _request(**common, prompt=instruction, image=row.image)
+
+
+def _request(**fields: Any) -> TaskRequest:
+    # Every value was validated by RowInput (or is a validated default): building the request without a second
+    # validation halves the cost of this, the hot path of reading a million-row manifest.
+    return TaskRequest.model_construct(**fields)
 
 
 def with_adapter(request: TaskRequest, registry) -> TaskRequest:
@@ -131,4 +129,5 @@ def with_adapter(request: TaskRequest, registry) -> TaskRequest:
     except TenantError as error:
         raise RequestError(error.field, str(error).removeprefix(f"{error.field}: ")) from None
     key = ref.key if ref is not None and request.task is Task.GENERATE else None
-    return request.model_copy(update={"adapter": key})
+    # Most rows of most jobs keep what they had (no adapter): no copy for them, it is the hot path of validation.
+    return request if key == request.adapter else request.model_copy(update={"adapter": key})

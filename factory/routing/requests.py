@@ -1,6 +1,6 @@
-"""Typed requests and results: the contract between manifests, the HTTP API, the replicas and the sinks.
+"""Typed requests and results: the contract between manifests, the CLI, the replicas and the sinks.
 
-`RowInput` is what a manifest row or an HTTP body may carry (loose: strings from CSV are coerced).
+`RowInput` is what a manifest row or a CLI command may carry (loose: strings from CSV are coerced).
 `TaskRequest` is a fully resolved unit of work: the task is known, the fields that task needs are present,
 and sizes are checked. `TaskResult` is what a replica returns for one request.
 """
@@ -18,6 +18,7 @@ MIN_SIDE = 16
 MAX_STEPS = 100
 MAX_PROMPT_CHARS = 4000
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Task(str, Enum):
@@ -87,7 +88,7 @@ class RowInput(BaseModel):
     @field_validator("id")
     @classmethod
     def _printable_id(cls, value: str) -> str:
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        if _CONTROL_CHARACTER.search(value):
             raise ValueError("must not contain control characters")
         return value
 

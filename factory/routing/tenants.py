@@ -39,13 +39,12 @@ import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from factory.errors import ConfigError, InputError
-from factory.model.lora.ref import SHA256_PATTERN, AdapterRef
+from factory.errors import ConfigError, InputError, one_line, validation_problems
+from factory.model.lora.ref import BASE_ADAPTER, SHA256_PATTERN, AdapterRef
 from factory.routing.requests import NAME_PATTERN
 
 log = structlog.get_logger(__name__)
 
-BASE = "base"  # the explicit "no adapter" name, in rows and as Serve's multiplexed id
 _ALLOWED_SCHEMES = ("s3://", "file://")
 
 
@@ -94,8 +93,8 @@ class TenantSpec(BaseModel):
     def _adapter_names(cls, value: dict[str, AdapterSpec]) -> dict[str, AdapterSpec]:
         for name in value:
             _check_name(name, "adapter name")
-            if name == BASE:
-                raise ValueError(f"adapter name {BASE!r} is reserved for the base model")
+            if name == BASE_ADAPTER:
+                raise ValueError(f"adapter name {BASE_ADAPTER!r} is reserved for the base model")
         return value
 
     @field_validator("regions")
@@ -129,13 +128,6 @@ class RegistryFile(BaseModel):
         return value
 
 
-def _first_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
-
-
 class TenantRegistry:
     """Resolved adapters of every tenant; immutable once built."""
 
@@ -155,7 +147,7 @@ class TenantRegistry:
         try:
             spec = RegistryFile.model_validate(data if data is not None else {})
         except ValidationError as error:
-            raise ConfigError(f"{source}: {_first_error(error)}") from None
+            raise ConfigError(f"{source}: {one_line(validation_problems(error))}") from None
         return cls(spec, Path(base_dir), source)
 
     @classmethod
@@ -181,7 +173,7 @@ class TenantRegistry:
 
     def lookup(self, key: str) -> AdapterRef | None:
         """The adapter for a multiplexed model id (`tenant/adapter`); None for `base`."""
-        if key == BASE:
+        if key == BASE_ADAPTER:
             return None
         try:
             return self._refs[key]
@@ -197,7 +189,7 @@ class TenantRegistry:
         if spec is None:
             raise TenantError("tenant", f"unknown tenant {tenant!r}")
         if adapter is not None:
-            if adapter == BASE:
+            if adapter == BASE_ADAPTER:
                 return None
             if adapter not in spec.adapters:
                 known = ", ".join(sorted(spec.adapters)) or "none"
@@ -215,7 +207,7 @@ def resolve_adapter(
     asks for a named adapter is refused rather than silently run without it."""
     if registry is not None:
         return registry.resolve_adapter(tenant, region, adapter)
-    if adapter is not None and adapter != BASE:
+    if adapter is not None and adapter != BASE_ADAPTER:
         raise TenantError("adapter", f"adapter {adapter!r} requested but no tenant registry is configured")
     return None
 

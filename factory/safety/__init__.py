@@ -12,14 +12,13 @@ from factory.safety.detectors import (
     build_detector,
 )
 from factory.safety.policy import SafetyChecker, SafetyPolicy, SafetyVerdict
-from factory.safety.prompts import PromptClassifier, PromptFilter, PromptVerdict
+from factory.safety.prompts import PromptFilter, PromptVerdict
 
 __all__ = [
     "Detection",
     "HFImageClassifierDetector",
     "ImageDetector",
     "NudeNetDetector",
-    "PromptClassifier",
     "PromptFilter",
     "PromptVerdict",
     "SafetyChecker",

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from factory.errors import ConfigError
 from factory.safety.detectors import NUDENET, Detection, ImageDetector, build_detector
-from factory.safety.prompts import PromptClassifier, PromptFilter, PromptVerdict
+from factory.safety.prompts import PromptFilter, PromptVerdict
 
 log = structlog.get_logger(__name__)
 
@@ -86,12 +86,6 @@ class SafetyPolicy(BaseModel):
         description='Extra blocked terms per locale ("de", "fr-FR"); a request in "fr-FR" also gets the '
         '"fr" list',
     )
-    prompt_classifier_threshold: float = Field(
-        default=0.5,
-        ge=0.0,
-        le=1.0,
-        description="Score at or above which a prompt classifier (if the replica has one) blocks a prompt",
-    )
     top_k: int = Field(
         default=3,
         ge=0,
@@ -135,7 +129,7 @@ class SafetyChecker:
     """A policy with its detector and prompt filter. One per replica process; safe to share across threads.
 
     `detector` and `prompt_filter` default to the ones the policy names; pass them to reuse loaded objects or
-    to test. `prompt_classifier` is an optional batch text classifier for prompts (see `PromptFilter`).
+    to test.
     """
 
     def __init__(
@@ -144,16 +138,11 @@ class SafetyChecker:
         *,
         detector: ImageDetector | None = None,
         prompt_filter: PromptFilter | None = None,
-        prompt_classifier: PromptClassifier | None = None,
     ) -> None:
         self.policy = policy or SafetyPolicy()
         self.detector = detector or build_detector(self.policy.detector, **self.policy.detector_options)
         self.prompt_filter = prompt_filter or PromptFilter(
-            self.policy.prompt_terms,
-            self.policy.tenant_terms,
-            self.policy.locale_terms,
-            classifier=prompt_classifier,
-            classifier_threshold=self.policy.prompt_classifier_threshold,
+            self.policy.prompt_terms, self.policy.tenant_terms, self.policy.locale_terms
         )
         self._ready = False
         self._lock = threading.Lock()

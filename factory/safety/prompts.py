@@ -1,4 +1,4 @@
-"""Prompt filter: block prompts that contain listed terms, or that a text classifier scores too high.
+"""Prompt filter: block prompts that contain listed terms.
 
 Term lists come in three scopes: global, per tenant and per locale. A request sees the global list, its
 tenant's list and the lists of its locale and that locale's parents ("fr-FR" sees "fr-FR" and "fr").
@@ -20,18 +20,14 @@ from __future__ import annotations
 import re
 import threading
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 log = structlog.get_logger(__name__)
 
-PromptClassifier = Callable[[list[str]], list[float]]
-"""Scores prompts in one batch, one float per prompt, higher meaning less safe."""
-
 GLOBAL_LIST = "global"
-CLASSIFIER = "classifier"
 
 # Letters/digits of scripts that do not separate words with spaces, by Unicode character-name prefix.
 _UNSPACED_SCRIPTS = (
@@ -93,28 +89,21 @@ class PromptVerdict(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    blocked: bool = Field(description="True when a listed term matched or the classifier scored too high")
+    blocked: bool = Field(description="True when a listed term matched")
     matched_terms: tuple[str, ...] = Field(default=(), description="Terms that matched, as written in lists")
     matched_lists: tuple[str, ...] = Field(
         default=(),
-        description="Lists that caused the block: 'global', 'tenant:<id>', 'locale:<tag>' or 'classifier'",
+        description="Lists that caused the block: 'global', 'tenant:<id>' or 'locale:<tag>'",
     )
-    classifier_score: float | None = Field(default=None, description="Classifier score, when one ran")
 
     @property
     def reason(self) -> str | None:
         """One human-readable line, or None when the prompt passed."""
         if not self.blocked:
             return None
-        parts = []
-        if self.matched_terms:
-            terms = ", ".join(repr(term) for term in self.matched_terms)
-            names = [name for name in self.matched_lists if name != CLASSIFIER]
-            plural = "s" if len(names) > 1 else ""
-            parts.append(f"{terms} on {', '.join(names)} list{plural}")
-        if CLASSIFIER in self.matched_lists:
-            parts.append(f"classifier score {self.classifier_score:.2f}")
-        return "prompt filter: " + "; ".join(parts)
+        terms = ", ".join(repr(term) for term in self.matched_terms)
+        plural = "s" if len(self.matched_lists) > 1 else ""
+        return f"prompt filter: {terms} on {', '.join(self.matched_lists)} list{plural}"
 
 
 PASS = PromptVerdict(blocked=False)
@@ -152,7 +141,7 @@ class _Matcher:
 
 
 class PromptFilter:
-    """Term lists (global, per tenant, per locale) plus an optional batch text classifier.
+    """Term lists: global, per tenant and per locale.
 
     Regexes are compiled once per distinct combination of lists a request can see and kept on the
     instance; the cache key is built from the lists that exist, so unknown tenants or locales from requests
@@ -164,9 +153,6 @@ class PromptFilter:
         global_terms: Iterable[str] = (),
         tenant_terms: Mapping[str, Iterable[str]] | None = None,
         locale_terms: Mapping[str, Iterable[str]] | None = None,
-        *,
-        classifier: PromptClassifier | None = None,
-        classifier_threshold: float = 0.5,
     ) -> None:
         self._global = self._fold_terms(global_terms)
         self._tenants = {tenant: self._fold_terms(terms) for tenant, terms in (tenant_terms or {}).items()}
@@ -174,8 +160,6 @@ class PromptFilter:
         for locale, terms in (locale_terms or {}).items():
             # "fr_FR" and "fr-FR" in one config are one list.
             self._locales.setdefault(normalize_locale(locale), {}).update(self._fold_terms(terms))
-        self._classifier = classifier
-        self.classifier_threshold = classifier_threshold
         self._matchers: dict[tuple[str | None, tuple[str, ...]], _Matcher] = {}
         self._lock = threading.Lock()
 
@@ -216,11 +200,7 @@ class PromptFilter:
         tenants: Sequence[str | None] | None = None,
         locales: Sequence[str | None] | None = None,
     ) -> list[PromptVerdict]:
-        """Check a batch; `tenants`/`locales` are parallel to `prompts` (None: no tenant/locale lists).
-
-        The classifier, if any, runs once over the prompts that no term blocked. Its exceptions propagate:
-        a caller should fail those rows rather than let them through unchecked.
-        """
+        """Check a batch; `tenants`/`locales` are parallel to `prompts` (None: no tenant/locale lists)."""
         count = len(prompts)
         tenants = list(tenants) if tenants is not None else [None] * count
         locales = list(locales) if locales is not None else [None] * count
@@ -234,23 +214,4 @@ class PromptFilter:
                 continue
             terms, lists = self._matcher(tenant, locale).match(fold(prompt))
             verdicts.append(PromptVerdict(blocked=bool(terms), matched_terms=terms, matched_lists=lists))
-
-        if self._classifier is not None:
-            self._classify(prompts, verdicts)
         return verdicts
-
-    def _classify(self, prompts: Sequence[str | None], verdicts: list[PromptVerdict]) -> None:
-        pending = [i for i, verdict in enumerate(verdicts) if not verdict.blocked and prompts[i]]
-        if not pending:
-            return
-        assert self._classifier is not None
-        scores = list(self._classifier([str(prompts[i]) for i in pending]))
-        if len(scores) != len(pending):
-            raise ValueError(f"prompt classifier returned {len(scores)} scores for {len(pending)} prompts")
-        for i, score in zip(pending, scores, strict=True):
-            blocked = float(score) >= self.classifier_threshold
-            verdicts[i] = PromptVerdict(
-                blocked=blocked,
-                matched_lists=(CLASSIFIER,) if blocked else (),
-                classifier_score=float(score),
-            )

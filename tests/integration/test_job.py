@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from factory.io.layout import OutputLayout
+from factory.io.storage import Storage
 from factory.jobs.pipeline import JobAborted, run_job
-from factory.jobs.sinks import RESULT_SCHEMA, OutputLayout, read_table
+from factory.jobs.commit import RESULT_SCHEMA, read_table
 from factory.jobs.spec import load_spec
-from factory.jobs.storage import Storage
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from factory.io.storage import Storage
 from factory.jobs.pipeline import run_job
 from factory.jobs.spec import load_spec
-from factory.jobs.storage import Storage
 from tests.integration.test_job import REPO, results_of
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,8 @@ def test_shuffled_tenants_get_exactly_their_adapters_with_a_pool_of_two(ray_clus
         f"name: lora\ninputs: [rows.jsonl]\noutput: {tmp_path / 'out'}\ntenants: tenants.yaml\n"
         f"defaults: {{steps: {STEPS}, width: {SIZE}, height: {SIZE}}}\n"
         # Three adapters in rotation through a pool of two, manifest order kept: evictions must happen.
-        "serve: {max_adapters: 2}\nadapter_window: 1\n"
+        # keep_warm: the replica's adapter statistics are read after the run.
+        "serve: {max_adapters: 2, keep_warm: true}\nadapter_window: 1\n"
     )
     run_job(load_spec(spec_path), address=ray_cluster["address"], show_progress=False)
 
@@ -84,5 +85,6 @@ def test_shuffled_tenants_get_exactly_their_adapters_with_a_pool_of_two(ray_clus
 
     from ray import serve
 
-    stats = serve.get_deployment_handle("StackReplica", "factory").adapter_stats.remote().result()
+    stats = serve.get_deployment_handle("StackReplica", "factory-lora").adapter_stats.remote().result()
+    serve.delete("factory-lora")
     assert stats["evictions"] > 0 and stats["loaded"] <= 2 and stats["misses"] >= 3

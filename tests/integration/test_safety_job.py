@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from factory.io.layout import OutputLayout
+from factory.io.storage import Storage
 from factory.jobs.pipeline import run_job
-from factory.jobs.sinks import OutputLayout
 from factory.jobs.spec import load_spec
-from factory.jobs.storage import Storage
 from tests.integration.test_job import REPO, results_of
 
 pytestmark = pytest.mark.slow

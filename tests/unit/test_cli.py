@@ -42,7 +42,7 @@ def test_describe_and_ask_answer_about_a_real_image(tiny_path, sample_images):
         (["generate", "x", "--profile", "nope"], "error: profile: unknown profile 'nope'"),
         (["describe", "/no/such/image.png"], "error: /no/such/image.png: no such file"),
         (["run", "/no/such/job.yaml"], "error: /no/such/job.yaml: no such file"),
-        (["run", "jobs/catalog.yaml", "--set", "serve.replcas=2"], "error: --set serve.replcas: unknown key"),
+        (["run", "jobs/catalog.yaml", "--set", "serve.replcas=2"], "error: --set serve.replcas: unknown field"),
     ],
 )
 def test_errors_are_one_line_and_exit_non_zero(args, message, tiny_path):

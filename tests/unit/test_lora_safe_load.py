@@ -231,7 +231,7 @@ def test_a_text_encoder_lora_in_peft_layout_is_checked_against_the_text_encoder(
 
 
 def test_adapters_load_from_s3_through_storage(fresh, adapter, s3_endpoint):
-    from factory.jobs.storage import Storage
+    from factory.io.storage import Storage
     from tests.s3server import new_bucket
 
     uri = new_bucket(s3_endpoint) + "/acme/brand.safetensors"

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from factory.errors import InputError
+from factory.io.storage import Storage, join
 from factory.jobs import manifests
 from factory.jobs.manifests import (
     ManifestRecord,
@@ -21,7 +22,6 @@ from factory.jobs.manifests import (
     iter_manifest_records,
     validate_record,
 )
-from factory.jobs.storage import Storage, join
 from tests.s3server import new_bucket
 
 ROWS = [
@@ -282,7 +282,7 @@ def record(raw: dict, line: int = 5) -> ManifestRecord:
     ("raw", "field", "reason"),
     [
         ({"id": "a", "tenant": "t", "width": 100}, "width", "must be a multiple of 16, got 100"),
-        ({"id": "a", "tenant": "t", "colour": "red"}, "colour", "unknown column"),
+        ({"id": "a", "tenant": "t", "colour": "red"}, "colour", "unknown field"),
         ({"id": "a", "prompt": "x"}, "tenant", "required"),
         ({"id": "a", "tenant": "t", "steps": 0}, "steps", "Input should be greater than or equal to 1, got 0"),
         ({"id": "a", "tenant": "t", "seed": "abc"}, "seed", "got 'abc'"),

@@ -202,14 +202,3 @@ def test_blocked_prompts_are_blocked_whatever_the_action() -> None:
     assert {v.decided_by for v in verdicts if v.flagged} == {"prompt_filter"}
     assert "'nude' on global list" in str(verdicts[0].reason)
     assert "tenant:acme" in str(verdicts[1].reason)
-
-
-def test_prompt_classifier_uses_the_policy_threshold() -> None:
-    checker = SafetyChecker(
-        SafetyPolicy(prompt_classifier_threshold=0.7),
-        detector=ScriptedDetector({}),
-        prompt_classifier=lambda prompts: [0.75 if "gore" in p else 0.65 for p in prompts],
-    )
-    gore, cat = checker.check_prompts(["gore", "a cat"])
-    assert gore.verdict == "blocked" and "classifier score 0.75" in str(gore.reason)
-    assert cat.verdict == "pass"

@@ -1,4 +1,4 @@
-"""Prompt filter: normalisation, word boundaries, phrases, tenant and locale lists, the classifier hook."""
+"""Prompt filter: normalisation, word boundaries, phrases, tenant and locale lists."""
 
 from __future__ import annotations
 
@@ -129,38 +129,6 @@ def test_regexes_are_compiled_once_per_list_combination(flt: PromptFilter) -> No
         flt.check("z", tenant=f"tenant-{i}", locale=f"xx-{i}")
     assert set(flt._matchers) == {("acme", ("fr-fr", "fr")), (None, ())}
     assert PromptFilter(["nude"])._matchers == {}  # instances share nothing
-
-
-def test_classifier_hook_runs_once_per_batch_on_unblocked_prompts() -> None:
-    calls: list[list[str]] = []
-
-    def classifier(prompts: list[str]) -> list[float]:
-        calls.append(list(prompts))
-        return [0.9 if "knife" in prompt else 0.1 for prompt in prompts]
-
-    flt = PromptFilter(["nude"], classifier=classifier, classifier_threshold=0.8)
-    verdicts = flt.check_many(["a knife fight", "nude", "a cat", None])
-    assert calls == [["a knife fight", "a cat"]]
-    assert verdicts[0].blocked and verdicts[0].matched_lists == ("classifier",)
-    assert verdicts[0].classifier_score == pytest.approx(0.9)
-    assert "classifier score 0.90" in str(verdicts[0].reason)
-    assert verdicts[1].matched_terms == ("nude",) and verdicts[1].classifier_score is None
-    assert not verdicts[2].blocked and verdicts[2].classifier_score == pytest.approx(0.1)
-    assert not verdicts[3].blocked
-
-    strict = PromptFilter(classifier=classifier, classifier_threshold=0.1)
-    assert strict.check("a cat").blocked  # the threshold is inclusive
-
-
-def test_classifier_errors_are_not_swallowed() -> None:
-    with pytest.raises(ValueError, match="2 scores for 1 prompts"):
-        PromptFilter(classifier=lambda prompts: [0.0, 0.0]).check("a cat")
-
-    def broken(prompts: list[str]) -> list[float]:
-        raise RuntimeError("classifier down")
-
-    with pytest.raises(RuntimeError, match="classifier down"):
-        PromptFilter(classifier=broken).check("a cat")
 
 
 def test_locale_chain() -> None:

@@ -58,7 +58,8 @@ def test_valid_spec_with_defaults_and_resolved_paths(spec_file, tmp_path):
     assert spec.defaults == Defaults(steps=4, width=256)
     assert spec.serve == ServeConfig()
     assert (spec.serve.max_ongoing_requests, spec.serve.batch_wait_timeout_s) == (8, 0.05)
-    assert (spec.in_flight, spec.batch_size) == (8, 8)
+    assert (spec.in_flight, spec.chunk_rows, spec.adapter_window, spec.retry_failed) == (8, 4096, None, True)
+    assert (spec.retry.attempts, spec.serve.app_name, spec.serve.keep_warm) == (4, None, False)
     assert spec.error_budget == ErrorBudget(max_failed=None, max_failed_fraction=0.1)
 
 
@@ -100,10 +101,10 @@ def test_override_that_fixes_an_invalid_file(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("serve.replcas=2", "--set serve.replcas: unknown key (did you mean serve.replicas?)"),
-        ("serve.replcas.x=2", "--set serve.replcas.x: unknown key serve.replcas (did you mean serve.replicas?)"),
-        ("replicas=2", "--set replicas: unknown key"),
-        ("safety.anything=1", "--set safety.anything: unknown key"),
+        ("serve.replcas=2", "--set serve.replcas: unknown field (did you mean serve.replicas?)"),
+        ("serve.replcas.x=2", "--set serve.replcas.x: unknown field serve.replcas (did you mean serve.replicas?)"),
+        ("replicas=2", "--set replicas: unknown field"),
+        ("safety.anything=1", "--set safety.anything: unknown field"),
         ("name.first=x", "name is a value, not a section"),
         ("serve.replicas", "expected key=value"),
         ("serve.replicas=[1", "value is not valid YAML"),
@@ -154,8 +155,8 @@ def test_unknown_keys_in_the_file_are_named(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_spec(path)
     text = str(err.value)
-    assert "serve.replcas: unknown key (did you mean serve.replicas?)" in text
-    assert "in_fligth: unknown key (did you mean in_flight?)" in text
+    assert "serve.replcas: unknown field (did you mean serve.replicas?)" in text
+    assert "in_fligth: unknown field (did you mean in_flight?)" in text
     assert "\n" not in text
 
 

@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from factory.errors import InputError
-from factory.jobs import fetch
-from factory.jobs.fetch import address_problem, decode_image, fetch_bytes, load_image
-from factory.jobs.storage import Storage, join
+from factory.io import images
+from factory.io.images import address_problem, decode_image, fetch_bytes, load_image
+from factory.io.storage import Storage, join
 from tests.s3server import new_bucket
 
 
@@ -275,8 +275,8 @@ def test_address_problem(ip, problem):
 @pytest.fixture
 def loopback_is_public(monkeypatch):
     """Let the fetcher reach the test server (and only it) so the streaming paths can be exercised."""
-    real = fetch.address_problem
-    monkeypatch.setattr(fetch, "address_problem", lambda ip: None if ip == "127.0.0.1" else real(ip))
+    real = images.address_problem
+    monkeypatch.setattr(images, "address_problem", lambda ip: None if ip == "127.0.0.1" else real(ip))
 
 
 def test_http_fetch_streams_with_cap_redirects_and_timeout(web, storage, loopback_is_public):

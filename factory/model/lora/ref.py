@@ -1,7 +1,7 @@
 """`AdapterRef`: what the model layer needs to know about one adapter, wherever it was resolved.
 
-The tenant registry (`factory.routing.tenants`) builds these; the LoRA pool loads them. It lives in the model
-layer because `model` never imports `routing`.
+The tenant registry (routing layer) builds these and the LoRA pool loads them; they, and the base-model name,
+live in the model layer so that every layer above can share them while `model` imports none of those.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 # "<tenant>/<adapter>": two names, never a path (no leading '/', no '..', exactly one '/').
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+# The explicit "no adapter" name: in rows, as Serve's multiplexed model id, and reserved in tenant registries.
+BASE_ADAPTER = "base"
 
 
 class AdapterRef(BaseModel):

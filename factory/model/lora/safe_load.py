@@ -72,7 +72,7 @@ class LoadLimits:
 
 
 class ByteSource(Protocol):
-    """Anything that reads a whole object with a size cap; `factory.jobs.storage.Storage` is one."""
+    """Anything that reads a whole object with a size cap; `factory.io.storage.Storage` is one."""
 
     def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes: ...
 

@@ -10,16 +10,18 @@ Every failure a person can act on is an `InputError` whose one line names the UR
 from __future__ import annotations
 
 import errno
+import http.client
 import io
 import mimetypes
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from factory.errors import InputError
+from factory.errors import InputError, StorageUnavailable
 
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
@@ -31,6 +33,16 @@ _DENIED = frozenset(
     {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 )
 _PRECONDITION_FAILED = frozenset({"PreconditionFailed", "412"})
+# Codes a store answers when it is briefly overloaded or failing; botocore retries them, and what is still
+# failing after its attempts is an outage, not a bad input.
+_UNAVAILABLE = frozenset({
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
+    "RequestTimeTooSkewed", "500", "502", "503", "504",
+})
+# Calls per S3 request before an error is final (botocore's standard mode: exponential backoff with jitter).
+DEFAULT_MAX_ATTEMPTS = 8
+# Re-opened reads of one object body after its stream broke mid-way.
+BODY_READ_ATTEMPTS = 5
 # What link() says on filesystems without hard links (some FUSE and network mounts).
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK})
 
@@ -80,12 +92,15 @@ def join(base: str, *parts: str) -> str:
     return base.rstrip("/") + "/" + "/".join(segments)
 
 
-def _s3_error(uri: str, exc: Exception) -> InputError:
-    from botocore.exceptions import ClientError
+def _s3_error(uri: str, exc: Exception) -> InputError | StorageUnavailable:
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in _UNAVAILABLE or int(status) >= 500:
+            return StorageUnavailable(f"{uri}: S3 unavailable ({code or status}) after retries")
         if code == "NoSuchBucket":
             return InputError(f"{uri}: no such bucket")
         if code in _NOT_FOUND:
@@ -94,8 +109,19 @@ def _s3_error(uri: str, exc: Exception) -> InputError:
             return InputError(f"{uri}: access denied ({code})")
         message = str(err.get("Message", "")).replace("\n", " ")
         return InputError(f"{uri}: S3 error {code}: {message}".rstrip(": "))
-    # botocore's own errors (no credentials, endpoint unreachable, read timeouts) already read as one line.
-    return InputError(f"{uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return InputError(f"{uri}: {text}")
+    # botocore's connection errors (endpoint unreachable, connection dropped, read timeouts) after its retries.
+    return StorageUnavailable(f"{uri}: S3 unreachable after retries: {text}")
+
+
+def _broken_stream(exc: BaseException) -> bool:
+    """A body read that failed part-way through: worth opening the object again from where it broke."""
+    from botocore.exceptions import BotoCoreError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    return isinstance(exc, OSError | BotoCoreError | Urllib3Error | http.client.HTTPException)
 
 
 def _local_error(uri: str, exc: OSError) -> InputError:
@@ -127,9 +153,11 @@ class Storage:
     each side finds its own through the usual AWS chain (env vars, profile, instance role).
     """
 
-    def __init__(self, endpoint_url: str | None = None, region: str | None = None) -> None:
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
         self.endpoint_url = endpoint_url if endpoint_url is not None else _env_endpoint()
         self.region = region or _env_region()
+        self.max_attempts = max_attempts
         self._init_cache()
 
     def _init_cache(self) -> None:
@@ -139,11 +167,12 @@ class Storage:
 
     # Clients hold sockets and locks: drop them when pickled, rebuild them on first use on the other side.
     def __getstate__(self) -> dict[str, Any]:
-        return {"endpoint_url": self.endpoint_url, "region": self.region}
+        return {"endpoint_url": self.endpoint_url, "region": self.region, "max_attempts": self.max_attempts}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.endpoint_url = state["endpoint_url"]
         self.region = state["region"]
+        self.max_attempts = state.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
         self._init_cache()
 
     def __repr__(self) -> str:
@@ -166,7 +195,10 @@ class Storage:
                         "s3",
                         endpoint_url=self.endpoint_url,
                         region_name=self.region,
-                        config=Config(max_pool_connections=32, retries={"mode": "standard"}),
+                        config=Config(
+                            max_pool_connections=32,
+                            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
+                        ),
                     )
         return self._s3_client
 
@@ -176,7 +208,10 @@ class Storage:
                 if self._arrow_s3 is None:
                     from pyarrow import fs as pafs
 
-                    kwargs: dict[str, Any] = {"region": self.region}
+                    kwargs: dict[str, Any] = {
+                        "region": self.region,
+                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+                    }
                     if self.endpoint_url:
                         # pyarrow's S3FileSystem does not reliably honour AWS_ENDPOINT_URL: say it explicitly.
                         parts = urlsplit(self.endpoint_url)
@@ -197,12 +232,53 @@ class Storage:
     # ---- reads ---------------------------------------------------------------------------------------
 
     def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
-        """The whole object. With `max_bytes`, a larger object is refused without reading all of it."""
-        with self.open_read(uri) as stream:
-            data = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
+        """The whole object. With `max_bytes`, a larger object is refused without reading all of it.
+
+        botocore retries a failed request, not a body that breaks while streaming: that is read again here."""
+        for attempt in range(1, BODY_READ_ATTEMPTS + 1):
+            try:
+                with self.open_read(uri) as stream:
+                    data = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
+                break
+            except Exception as exc:  # noqa: BLE001 - classified just below
+                if isinstance(exc, InputError | StorageUnavailable) or not _broken_stream(exc):
+                    raise
+                if attempt == BODY_READ_ATTEMPTS:
+                    raise StorageUnavailable(f"{uri}: read kept breaking ({_short(exc)})") from exc
+                time.sleep(min(2.0, 0.1 * 2**attempt))
         if max_bytes is not None and len(data) > max_bytes:
             raise InputError(f"{uri}: larger than the {max_bytes} byte limit")
         return data
+
+    def open_range(self, uri: str, start: int, end: int) -> IO[bytes]:
+        """A buffered stream of bytes [start, end) of the object; a broken read resumes where it stopped."""
+        return io.BufferedReader(_RangeReader(self, uri, start, end), buffer_size=1 << 20)
+
+    def _open_body(self, uri: str, start: int, end: int) -> Any:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                return self.s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")["Body"]
+            except Exception as exc:  # noqa: BLE001
+                raise _s3_error(uri, exc) from exc
+        stream = self.open_read(uri)
+        stream.seek(start)
+        return stream
+
+    def stat(self, uri: str) -> tuple[int, str]:
+        """(size in bytes, version): the S3 ETag, or the local modification time; a changed file gets another."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                head = self.s3.head_object(Bucket=bucket, Key=key)
+            except Exception as exc:  # noqa: BLE001
+                raise _s3_error(uri, exc) from exc
+            return int(head["ContentLength"]), str(head.get("ETag", "")).strip('"')
+        try:
+            info = os.stat(local_path(uri))
+        except OSError as exc:
+            raise _local_error(uri, exc) from exc
+        return info.st_size, str(info.st_mtime_ns)
 
     def open_read(self, uri: str) -> IO[bytes]:
         """A buffered binary stream (iterable by lines) that reads the object lazily."""
@@ -268,9 +344,27 @@ class Storage:
             if os.path.isdir(root):
                 yield from _walk_sorted(root, keep)
 
-    def _list_s3(self, prefix_uri: str, keep: Any) -> Iterator[str]:
+    def list_prefix(self, uri_prefix: str) -> Iterator[str]:
+        """Files whose URI starts with `uri_prefix` in its last segment (``.../part-abc-`` lists
+        ``part-abc-*`` in that folder, not below it), sorted. One S3 listing of that prefix; one folder scan."""
+        if is_s3(uri_prefix):
+            yield from (uri for uri in self._list_s3(uri_prefix, lambda _: True, folder=False) if "/" not in
+                        uri[len(uri_prefix):])
+            return
+        path = local_path(uri_prefix)
+        folder, stem = os.path.split(path)
+        try:
+            with os.scandir(folder) as it:
+                names = sorted(e.name for e in it if e.name.startswith(stem) and e.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _local_error(folder, exc) from exc
+        yield from (os.path.join(folder, name) for name in names)
+
+    def _list_s3(self, prefix_uri: str, keep: Any, folder: bool = True) -> Iterator[str]:
         bucket, prefix = split_s3(prefix_uri)
-        if prefix and not prefix.endswith("/"):
+        if folder and prefix and not prefix.endswith("/"):
             prefix += "/"
         try:
             pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -357,6 +451,59 @@ class Storage:
             raise _local_error(uri, exc) from exc
 
     join = staticmethod(join)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _RangeReader(io.RawIOBase):
+    """Bytes [start, end) of one object. A body that breaks part-way (a dropped connection, a reset) is opened
+    again from the first byte not yet returned, a bounded number of times."""
+
+    def __init__(self, storage: Storage, uri: str, start: int, end: int) -> None:
+        super().__init__()
+        self.storage, self.uri, self.position, self.end = storage, uri, start, end
+        self.body: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self.end - self.position)
+        if wanted <= 0:
+            return 0
+        for attempt in range(1, BODY_READ_ATTEMPTS + 1):
+            try:
+                if self.body is None:
+                    self.body = self.storage._open_body(self.uri, self.position, self.end)
+                data = self.body.read(wanted)
+                if not data:
+                    raise EOFError(f"the stream ended at byte {self.position}, before byte {self.end}")
+                buffer[: len(data)] = data
+                self.position += len(data)
+                return len(data)
+            except (InputError, StorageUnavailable):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a broken stream, retried below
+                self._drop_body()
+                if attempt == BODY_READ_ATTEMPTS or not (_broken_stream(exc) or isinstance(exc, EOFError)):
+                    raise StorageUnavailable(f"{self.uri}: read failed at byte {self.position}: {_short(exc)}") from exc
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+        return 0  # pragma: no cover - the loop returns or raises
+
+    def _drop_body(self) -> None:
+        if self.body is not None:
+            try:
+                self.body.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            self.body = None
+
+    def close(self) -> None:
+        self._drop_body()
+        super().close()
 
 
 def _content_type(key: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ import structlog
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from factory.errors import InputError
-from factory.jobs.storage import Storage, is_remote
+from factory.io.storage import Storage, is_remote
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,84 @@
+"""Where a run's objects live under its output root (a local folder or s3:// prefix).
+
+    images/<tenant>/<id>.png                      generated images of ok rows, written before their result row
+    quarantine/<tenant>/<id>.png                  flagged images under a quarantine policy
+    results/tenant=<t>/part-<chunk>-<writer>-<n>.parquet   result rows, committed by the chunk's worker
+    rejects/part-<chunk>-<kind>.parquet           rows that failed validation, or duplicates (kind: rows, duplicates)
+    rejects/part-plan.parquet                     manifests that could not be read at all
+    _chunks/plan.json                             the chunks of the run's inputs (reused by a re-run)
+    _chunks/dedup.json                            which chunks hold duplicate ids (written once dedup is complete)
+    _chunks/<chunk>/...                           staged requests, duplicates, and the chunk's markers
+    summary.json, _SUCCESS                        written when the run finishes (validation.json for `validate`)
+
+Every key is a function of (run root, tenant, row id) or (run root, chunk), so a redone row overwrites its own
+image and a resumed run finds what an earlier one committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from factory.io.storage import join
+
+
+def object_name(row_id: str) -> str:
+    """A row id as one safe path segment: ids like 'sku/12' or '..' must not become paths."""
+    name = quote(row_id, safe="-_.")
+    return name.replace(".", "%2E") if set(name) == {"."} else name
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    root: str
+
+    def image(self, tenant: str, row_id: str) -> str:
+        return join(self.root, "images", tenant, f"{object_name(row_id)}.png")
+
+    def quarantine(self, tenant: str, row_id: str) -> str:
+        return join(self.root, "quarantine", tenant, f"{object_name(row_id)}.png")
+
+    @property
+    def results(self) -> str:
+        return join(self.root, "results")
+
+    @property
+    def rejects(self) -> str:
+        return join(self.root, "rejects")
+
+    def result_prefix(self, tenant: str, chunk: str) -> str:
+        """Every result part of one chunk for one tenant starts with this."""
+        return join(self.results, f"tenant={tenant}", f"part-{chunk}-")
+
+    def result_part(self, tenant: str, chunk: str, writer: str, sequence: int) -> str:
+        return f"{self.result_prefix(tenant, chunk)}{writer}-{sequence:04d}.parquet"
+
+    def reject_part(self, name: str, kind: str | None = None) -> str:
+        return join(self.rejects, f"part-{name}-{kind}.parquet" if kind else f"part-{name}.parquet")
+
+    @property
+    def chunks(self) -> str:
+        return join(self.root, "_chunks")
+
+    def chunk_file(self, chunk: str, name: str) -> str:
+        return join(self.chunks, chunk, name)
+
+    @property
+    def plan(self) -> str:
+        return join(self.chunks, "plan.json")
+
+    @property
+    def dedup_index(self) -> str:
+        return join(self.chunks, "dedup.json")
+
+    @property
+    def validation(self) -> str:
+        return join(self.root, "validation.json")
+
+    @property
+    def summary(self) -> str:
+        return join(self.root, "summary.json")
+
+    @property
+    def success(self) -> str:
+        return join(self.root, "_SUCCESS")

@@ -1,0 +1,190 @@
+"""Committing a chunk's output: whole Parquet parts named by (chunk, writer, sequence), then a marker.
+
+A row is committed when its result row is in a results part. A part appears whole or not at all (written to a
+temporary name and renamed locally; one PUT on S3, where an object is visible only once complete), and is
+published only if nothing is at its name yet (a conditional put), so a retried or zombie writer can never
+replace a part. Before a chunk's first part, a `started` marker names the tenants the chunk can write, so a
+later attempt finds that chunk's parts with a few prefix listings instead of listing the whole output. When the
+chunk is done, its marker (`done.json`, or `failed.json` when some rows failed) holds its counts.
+
+Re-running a chunk that ended with failed rows first removes those rows from their parts (each part replaced
+whole, or deleted when nothing else is in it), which makes them uncommitted, and then runs them again: a crash
+in between leaves them uncommitted, never twice.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+import structlog
+
+from factory.errors import FactoryError
+from factory.io.layout import OutputLayout
+from factory.io.storage import Storage
+from factory.jobs.faults import failpoint
+from factory.jobs.summary import ChunkStats
+
+log = structlog.get_logger(__name__)
+
+STARTED, DONE, DONE_WITH_FAILURES, VALIDATED = "started.json", "done.json", "failed.json", "validated.json"
+READING = "reading"  # left by the first attempt to read a chunk's rows
+STAGED_REQUESTS = "requests.parquet"
+
+REQUEST_SCHEMA = pa.schema([
+    ("line", pa.int64()), ("id", pa.string()), ("tenant", pa.string()), ("task", pa.string()),
+    ("prompt", pa.string()), ("question", pa.string()), ("image", pa.string()), ("region", pa.string()),
+    ("adapter", pa.string()), ("seed", pa.int64()), ("steps", pa.int64()), ("width", pa.int64()),
+    ("height", pa.int64()), ("guidance", pa.float64()),
+])
+
+RESULT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("tenant", pa.string()), ("task", pa.string()), ("status", pa.string()),
+    ("prompt", pa.string()), ("question", pa.string()), ("caption", pa.string()), ("answer", pa.string()),
+    ("image_uri", pa.string()), ("source_uri", pa.string()), ("adapter", pa.string()),
+    ("adapter_sha256", pa.string()), ("profile", pa.string()), ("model_version", pa.string()),
+    ("seed", pa.int64()), ("steps", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
+    ("guidance", pa.float64()), ("latency_ms", pa.float64()), ("safety_ms", pa.float64()),
+    ("error", pa.string()), ("attempts", pa.int32()),
+    ("safety_verdict", pa.string()), ("safety_decided_by", pa.string()), ("safety_labels", pa.list_(pa.string())),
+    ("safety_scores", pa.list_(pa.float64())), ("safety_reason", pa.string()), ("quarantine_uri", pa.string()),
+    ("run_id", pa.string()), ("manifest", pa.string()), ("manifest_line", pa.int64()),
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+])
+PART_SCHEMA = pa.schema([field for field in RESULT_SCHEMA if field.name != "tenant"])  # tenant is in the path
+
+REJECT_SCHEMA = pa.schema([
+    ("manifest", pa.string()), ("manifest_line", pa.int64()), ("id", pa.string()), ("tenant", pa.string()),
+    ("field", pa.string()), ("reason", pa.string()), ("row", pa.string()), ("run_id", pa.string()),
+])
+
+
+class CommitConflict(FactoryError):
+    """Something other than this writer's bytes is at a name only this writer uses."""
+
+
+TENANT_PARTITIONING = pds.partitioning(pa.schema([("tenant", pa.string())]), flavor="hive")
+
+
+def read_table(storage: Storage, uri: str, columns: list[str] | None = None, hive: bool = False) -> pa.Table | None:
+    """All Parquet files under `uri` (results, with `hive` for their tenant folders, or rejects) as one table, or
+    None when nothing has been written there yet. For people and tests: the run itself never reads results back."""
+    if not any(True for _ in storage.list_files(uri, suffixes=[".parquet"])):
+        return None
+    filesystem, path = storage.arrow_filesystem(uri)
+    dataset = pds.dataset(path, filesystem=filesystem, format="parquet",
+                          partitioning=TENANT_PARTITIONING if hive else None)
+    return dataset.to_table(columns=columns)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
+
+
+def publish(storage: Storage, uri: str, data: bytes) -> None:
+    """Put `data` at `uri` unless something is there. A retried PUT whose first response was lost finds its own
+    bytes there, which counts as written; anything else at a writer's own name is a conflict."""
+    if storage.put_if_absent(uri, data) or storage.read_bytes(uri) == data:
+        return
+    raise CommitConflict(f"{uri}: another writer's object is at this name")
+
+
+def publish_once(storage: Storage, uri: str, data: bytes) -> bool:
+    """For objects whose content is a function of the inputs (rejects): the first copy stays. True if written."""
+    return storage.put_if_absent(uri, data)
+
+
+class ChunkCommitter:
+    """Buffers one chunk's result rows and commits them in parts per tenant every `flush_rows` rows or
+    `flush_seconds` seconds. One committer per attempt at the chunk: its token keeps part names unique."""
+
+    def __init__(self, storage: Storage, layout: OutputLayout, chunk: str, *, flush_rows: int, flush_seconds: float):
+        self.storage = storage
+        self.layout = layout
+        self.chunk = chunk
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.token = uuid.uuid4().hex[:8]
+        self.sequence = 0
+        self.rows: list[dict] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def due(self) -> bool:
+        return bool(self.rows) and (
+            len(self.rows) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds
+        )
+
+    def flush(self) -> list[dict]:
+        """Commit the buffered rows; returns them (each now committed)."""
+        self.last_flush = time.monotonic()
+        rows, self.rows = self.rows, []
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            groups[row["tenant"]].append(row)
+        for index, (tenant, group) in enumerate(sorted(groups.items())):
+            if index:
+                failpoint("commit.between_parts")
+            table = pa.Table.from_pylist(group, schema=RESULT_SCHEMA).drop_columns(["tenant"])
+            uri = self.layout.result_part(tenant, self.chunk, self.token, self.sequence)
+            publish(self.storage, uri, parquet_bytes(table))
+        self.sequence += 1
+        return rows
+
+
+# ---- what earlier attempts committed -------------------------------------------------------------------
+
+
+def committed_parts(storage: Storage, layout: OutputLayout, chunk: str, tenants: list[str]) -> dict[str, list[str]]:
+    """tenant -> result parts of this chunk, by prefix listing of each tenant folder the chunk can write."""
+    return {tenant: list(storage.list_prefix(layout.result_prefix(tenant, chunk))) for tenant in tenants}
+
+
+def read_committed(storage: Storage, parts: dict[str, list[str]], *, drop_failed: bool) -> pa.Table:
+    """The chunk's committed result rows (tenant column restored). With `drop_failed`, rows that failed are
+    first removed from their parts, so they are no longer committed and can run again."""
+    tables = []
+    for tenant, uris in parts.items():
+        for uri in uris:
+            table = read_parquet_bytes(storage.read_bytes(uri))
+            if drop_failed:
+                kept = table.filter(pc.not_equal(table["status"], "failed"))
+                if kept.num_rows < table.num_rows:
+                    if kept.num_rows:
+                        storage.write_bytes(uri, parquet_bytes(kept))
+                    else:
+                        storage.delete(uri)
+                    log.info("failed rows uncommitted for a retry", part=uri, rows=table.num_rows - kept.num_rows)
+                table = kept
+            tables.append(table.append_column("tenant", pa.array([tenant] * table.num_rows, pa.string())))
+    if not tables:
+        return RESULT_SCHEMA.empty_table()
+    return pa.concat_tables([table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA) for table in tables])
+
+
+def stats_of(chunk: str, committed: pa.Table, rejects: int) -> ChunkStats:
+    stats = ChunkStats(chunk=chunk, rejects=rejects)
+    stats.add_results(committed.select(["tenant", "status", "image_uri", "latency_ms"]).to_pylist())
+    return stats
+
+
+def write_marker(storage: Storage, layout: OutputLayout, stats: ChunkStats) -> None:
+    """The chunk is finished: `failed.json` when some of its rows failed (a re-run retries them), else `done.json`."""
+    failed = stats.by_status.get("failed", 0) > 0
+    name = DONE_WITH_FAILURES if failed else DONE
+    storage.write_bytes(layout.chunk_file(stats.chunk, name), stats.model_dump_json().encode())
+    storage.delete(layout.chunk_file(stats.chunk, DONE if failed else DONE_WITH_FAILURES))

@@ -1,0 +1,191 @@
+"""The validate stage: a chunk's manifest rows become typed requests or rejects, once per run.
+
+A worker reads exactly its chunk's rows, validates each, resolves its task and adapter, and writes three things
+under the run's output: the chunk's rejects (one part, whose content is a function of the inputs, so a repeat
+attempt keeps the first copy), the accepted requests as typed Arrow columns (what the model stage runs), and a
+`validated` marker with the chunk's counts. It returns the keys (id, chunk, line) that duplicate detection
+needs; a chunk validated by an earlier attempt returns its keys from its staged requests without reading the
+manifest again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import structlog
+
+from factory.errors import InputError
+from factory.io.layout import OutputLayout
+from factory.io.storage import Storage
+from factory.jobs.commit import (
+    READING, REJECT_SCHEMA, REQUEST_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_once, read_parquet_bytes,
+)
+from factory.jobs.dedup import KEY_SCHEMA, DedupIndex, key_table, load_duplicates
+from factory.jobs.faults import failpoint
+from factory.jobs.manifests import ManifestRecord, iter_range_records, validate_record
+from factory.jobs.plan import Chunk
+from factory.jobs.summary import ChunkValidation
+from factory.routing.parser import GenerationDefaults, RequestError, parse_request, with_adapter
+from factory.routing.requests import Task, TaskRequest
+
+log = structlog.get_logger(__name__)
+
+ROWS_REJECTS = "rows"
+DUPLICATE_REJECTS = "duplicates"
+
+
+@dataclass(frozen=True)
+class ValidateContext:
+    """What the validate stage needs; shipped to Ray workers."""
+
+    run_id: str
+    layout: OutputLayout
+    storage: Storage
+    defaults: GenerationDefaults
+    shards: int
+    registry: Any = None  # a TenantRegistry, or None: every row runs the base model
+    tally: Any = None  # the run's RunTally actor, or None
+
+
+def relative_to_manifest(request: TaskRequest, manifest: str) -> TaskRequest:
+    """An image path without a scheme is relative to its manifest's folder (local or s3://)."""
+    image = request.image
+    if image is None or "://" in image or os.path.isabs(image):
+        return request
+    if manifest.startswith("s3://"):
+        bucket, _, key = manifest[len("s3://"):].partition("/")
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(key), image))
+        image = f"s3://{bucket}/{resolved.lstrip('/')}"
+    else:
+        image = os.path.normpath(os.path.join(os.path.dirname(manifest), image))
+    return request.model_copy(update={"image": image})
+
+
+def reject_row(run_id: str, manifest: str, line: int, field: str, reason: str, raw: Any = None,
+               row_id: str | None = None, tenant: str | None = None) -> dict:
+    return {
+        "manifest": manifest, "manifest_line": line, "id": row_id, "tenant": tenant, "field": field,
+        "reason": reason, "row": raw if isinstance(raw, str) or raw is None else json.dumps(raw, default=str),
+        "run_id": run_id,
+    }
+
+
+def step_megapixels(request: TaskRequest) -> float:
+    if request.task is not Task.GENERATE:
+        return 0.0
+    return (request.steps or 0) * (request.width or 0) * (request.height or 0) / 1e6
+
+
+def validate_chunk(ctx: ValidateContext, chunk: Chunk) -> tuple[ChunkValidation, pa.Table]:
+    """Read, validate and stage one chunk; returns its counts (also written as its marker) and its requests.
+
+    A `reading` trace is left first, so that a later attempt can tell (and report) rows it reads a second time."""
+    stats = ChunkValidation(chunk=chunk.id)
+    trace = ctx.layout.chunk_file(chunk.id, READING)
+    stats.read_before = ctx.storage.exists(trace)
+    if not stats.read_before:
+        ctx.storage.write_bytes(trace, b"")
+    requests: list[dict] = []
+    rejects: list[dict] = []
+    try:
+        for record in iter_range_records(chunk.source, ctx.storage, chunk.first_line, chunk.last_line,
+                                         start=chunk.start, end=chunk.end, columns=chunk.columns):
+            stats.rows_read += 1
+            request, reject = _validate_one(ctx, record)
+            if reject is not None:
+                rejects.append(reject)
+                stats.add_reject(reject["field"])
+                continue
+            requests.append({"line": record.line, **request.model_dump(mode="json")})
+            stats.add_request(request.tenant, request.task.value, request.adapter or "base", step_megapixels(request))
+    except InputError as error:
+        # The bytes of this chunk cannot be decoded (a broken gzip member, a corrupt Parquet page): the rows
+        # read so far stand, the rest of the chunk is one reject naming the file and where it broke.
+        rejects.append(reject_row(ctx.run_id, chunk.source, chunk.first_line + stats.rows_read, "manifest", str(error)))
+        stats.add_reject("manifest")
+    if rejects:
+        table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+        publish_once(ctx.storage, ctx.layout.reject_part(chunk.id, ROWS_REJECTS), parquet_bytes(table))
+    staged = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
+    ctx.storage.write_bytes(ctx.layout.chunk_file(chunk.id, STAGED_REQUESTS), parquet_bytes(staged))
+    failpoint("validate.before_marker", chunk.ordinal)
+    ctx.storage.write_bytes(ctx.layout.chunk_file(chunk.id, VALIDATED), stats.model_dump_json().encode())
+    return stats, staged
+
+
+def _validate_one(ctx: ValidateContext, record: ManifestRecord) -> tuple[TaskRequest | None, dict | None]:
+    raw = record.raw
+    row, reject = validate_record(record)
+    if reject is not None:
+        tenant = raw.get("tenant") if isinstance(raw, dict) and isinstance(raw.get("tenant"), str) else None
+        return None, reject_row(ctx.run_id, record.source, record.line, reject.field or "row", reject.reason,
+                                reject.raw, reject.id, tenant)
+    try:
+        request = with_adapter(parse_request(row, ctx.defaults), ctx.registry)
+    except RequestError as error:
+        return None, reject_row(ctx.run_id, record.source, record.line, error.field, error.reason, raw, row.id,
+                                row.tenant)
+    return relative_to_manifest(request, record.source), None
+
+
+def staged_requests(ctx: ValidateContext, chunk: str, columns: list[str] | None = None) -> pa.Table:
+    table = read_parquet_bytes(ctx.storage.read_bytes(ctx.layout.chunk_file(chunk, STAGED_REQUESTS)))
+    return table.select(columns) if columns else table
+
+
+def chunk_keys(batch: dict[str, np.ndarray], ctx: ValidateContext) -> pa.Table:
+    """Ray Data UDF over chunk descriptors: validate each chunk, return its keys for duplicate detection."""
+    tables = []
+    for text in batch["chunk"]:
+        chunk = Chunk.model_validate_json(text)
+        stats, staged = validate_chunk(ctx, chunk)
+        if ctx.tally is not None:
+            ctx.tally.add.remote({"validated_rows": chunk.rows, "rows_read": stats.rows_read,
+                                  "rows_read_again": stats.rows_read if stats.read_before else 0})
+        tables.append(key_table(staged["id"], staged["line"], ordinal=chunk.ordinal, shards=ctx.shards))
+    return pa.concat_tables(tables)
+
+
+def staged_keys(batch: pa.Table, ordinals: dict[str, int], shards: int) -> pa.Table:
+    """Ray Data UDF over staged requests read back (id, line, path): the keys of chunks validated earlier."""
+    tables = []
+    paths = batch["path"]
+    for path in pc.unique(paths).to_pylist():
+        rows = batch.filter(pc.equal(paths, path))
+        tables.append(key_table(rows["id"], rows["line"], ordinal=ordinals[path], shards=shards))
+    return pa.concat_tables(tables) if tables else KEY_SCHEMA.empty_table()
+
+
+def write_duplicate_rejects(ctx: ValidateContext, chunk: Chunk, index: DedupIndex) -> ChunkValidation:
+    """The chunk's rows whose id an earlier row owns, as rejects naming the owner; returns them counted."""
+    removed = ChunkValidation(chunk=chunk.id)
+    duplicates = load_duplicates(ctx.storage, ctx.layout, chunk.id, index)
+    if not duplicates:
+        return removed
+    staged = staged_requests(ctx, chunk.id)
+    lines = pa.array(sorted(duplicates), pa.int64())
+    rows = staged.filter(pc.is_in(staged["line"], value_set=lines)).sort_by("line").to_pylist()
+    rejects = []
+    for row in rows:
+        fields = {k: v for k, v in row.items() if k != "line" and v is not None}
+        rejects.append(reject_row(ctx.run_id, chunk.source, row["line"], "id",
+                                  f"duplicate id {row['id']!r} (first at {duplicates[row['line']][1]})",
+                                  fields, row["id"], row["tenant"]))
+        request = TaskRequest.model_validate(fields)
+        removed.add_request(request.tenant, request.task.value, request.adapter or "base", step_megapixels(request))
+    table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
+    publish_once(ctx.storage, ctx.layout.reject_part(chunk.id, DUPLICATE_REJECTS), parquet_bytes(table))
+    return removed
+
+
+def duplicate_rejects(batch: dict[str, np.ndarray], ctx: ValidateContext, index: DedupIndex) -> dict[str, np.ndarray]:
+    """Ray Data UDF over the chunks that have duplicates: their rejects, and what they take away from the counts."""
+    removed = [write_duplicate_rejects(ctx, Chunk.model_validate_json(text), index) for text in batch["chunk"]]
+    return {"removed": np.array([item.model_dump_json() for item in removed], dtype=object)}

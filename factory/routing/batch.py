@@ -1,0 +1,101 @@
+"""One batch of calls through the stack with one adapter active: what a Serve replica runs per batch, and what
+the CLI runs for its single row, so a row gets the same decoding, adapter, safety checks and result fields on
+both paths.
+
+No Ray here: the replica wraps a `BatchRunner` in Serve; the CLI calls it in its own process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from factory.errors import FactoryError, InputError
+from factory.io.images import DEFAULT_MAX_PIXELS, decode_image
+from factory.model.lora import LoadedAdapter, LoraPool
+from factory.model.lora.ref import BASE_ADAPTER, AdapterRef
+from factory.model.stack import ModelStack
+from factory.routing.executor import TaskExecutor, base_result
+from factory.routing.requests import Status, TaskRequest, TaskResult
+from factory.safety.policy import SafetyChecker
+
+
+class ReplicaCall(BaseModel):
+    """One request plus its input image bytes: read by the caller, which may reach storage the runner cannot,
+    and decoded by the runner, under its pixel cap."""
+
+    request: TaskRequest
+    image_bytes: bytes | None = Field(default=None, repr=False)
+
+
+def adapter_key(request: TaskRequest) -> str:
+    """The adapter id a request runs with (Serve's multiplexed model id): its adapter, or the base model."""
+    return request.adapter or BASE_ADAPTER
+
+
+class BatchRunner:
+    """Runs batches of calls that share one adapter; thread-safe, as the pool serialises adapter use."""
+
+    def __init__(
+        self, stack: ModelStack, safety: SafetyChecker | None, pool: LoraPool, adapters: Mapping[str, AdapterRef],
+        max_input_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.stack = stack
+        self.executor = TaskExecutor(stack, safety)
+        self.pool = pool
+        self.adapters = dict(adapters)
+        self.max_input_pixels = max_input_pixels
+
+    def load(self, adapter_id: str) -> LoadedAdapter | None:
+        """Load an adapter ahead of its batches (a replica's multiplexed loader); raises a `FactoryError`."""
+        ref = self._ref(adapter_id)
+        return None if ref is None else self.pool.ensure_loaded(ref)
+
+    def run(self, calls: list[ReplicaCall], adapter_id: str = BASE_ADAPTER) -> list[TaskResult]:
+        """One result per call, in order. A bad input image rejects its row only; an adapter that cannot be
+        loaded rejects the batch."""
+        results: list[TaskResult | None] = [None] * len(calls)
+        runnable, images = [], []
+        for index, call in enumerate(calls):
+            try:
+                images.append(self._image(call))
+                runnable.append(index)
+            except InputError as error:
+                results[index] = self._rejected(call.request, f"image: {error}")
+        try:
+            ref = self._ref(adapter_id)
+            # Exactly one adapter is active for the whole library call, none for base rows.
+            with self.pool.use(ref) as loaded:
+                produced = self.executor.run([calls[i].request for i in runnable], images)
+        except FactoryError as error:  # not in the registry, or evicted and not loadable again
+            produced = self.refuse([calls[i] for i in runnable], adapter_id, error)
+            loaded = None
+        for index, result in zip(runnable, produced, strict=True):
+            if loaded is not None:
+                result.adapter, result.adapter_sha256 = loaded.key, loaded.sha256
+            results[index] = result
+        return results  # type: ignore[return-value]
+
+    def refuse(self, calls: list[ReplicaCall], adapter_id: str, error: Exception) -> list[TaskResult]:
+        """The results of calls that cannot run because their adapter cannot be used."""
+        return [self._rejected(call.request, f"adapter {adapter_id}: {error}") for call in calls]
+
+    def _ref(self, adapter_id: str) -> AdapterRef | None:
+        if adapter_id == BASE_ADAPTER:
+            return None
+        ref = self.adapters.get(adapter_id)
+        if ref is None:
+            raise InputError("not in this deployment's tenants registry")
+        return ref
+
+    def _image(self, call: ReplicaCall) -> Image.Image | None:
+        if call.request.image is None:
+            return None
+        if call.image_bytes is None:
+            raise InputError(f"no bytes were read for {call.request.image}")
+        return decode_image(call.image_bytes, call.request.image, self.max_input_pixels)
+
+    def _rejected(self, request: TaskRequest, error: str) -> TaskResult:
+        return base_result(request, self.stack, status=Status.REJECTED, error=error)

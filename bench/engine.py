@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -71,6 +70,9 @@ def child(spec_path: str) -> None:
     from factory.jobs.cluster import connect
     from factory.jobs.pipeline import validate_job
     from factory.jobs.spec import load_spec
+    from factory.logs import configure_logging
+
+    configure_logging("warning")
 
     with PeakTreeRss() as peak:
         started = time.perf_counter()
@@ -93,11 +95,27 @@ def run_child(spec: Path, timeout: float = 1800) -> dict:
                           timeout=timeout)
     if done.returncode:
         raise SystemExit(f"validate failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
 
 
 def validated_chunks(work: Path, name: str) -> int:
     return sum(1 for _ in (work / "out" / name / "_chunks").glob("*/validated.json"))
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process under it at once: Ray's workers included, which would otherwise
+    outlive their raylet for a moment and finish the chunk they hold."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    tree = [root, *root.children(recursive=True)]
+    for member in tree:
+        try:
+            member.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+    process.wait()
 
 
 def resume(work: Path, manifest: Path, rows: int) -> dict:
@@ -109,8 +127,7 @@ def resume(work: Path, manifest: Path, rows: int) -> dict:
         if process.poll() is not None:
             raise SystemExit("the validation ended before half of it was done")
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and its private Ray, at once
-    process.wait()
+    kill_tree(process)
     before = validated_chunks(work, "resume")
     second = run_child(spec)
     from factory.jobs.pipeline import VALIDATE_CPUS

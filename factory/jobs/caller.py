@@ -1,8 +1,9 @@
 """The model stage: a chunk's requests go to the Serve replicas and its results are committed by this worker.
 
-A `ChunkCaller` is a Ray Data actor that takes one chunk per call (a few at once), keeps at most `in_flight`
-requests going to the replicas, writes the images of `ok` rows, commits result parts as rows finish, and writes
-the chunk's marker at the end. Only counts leave it: to the run's tally as it goes, and the chunk's counts as
+A `ChunkCaller` is a Ray Data actor that takes one chunk per call (a few at once), orders the chunk's requests by
+adapter, sends them to the replicas in batches of the replicas' batch size (one Serve request and one library
+call per batch, all on one adapter) with at most `in_flight` requests in flight, writes the images of `ok` rows,
+commits result parts as rows finish, and writes the chunk's marker at the end. Only counts leave it: to the run's tally as it goes, and the chunk's counts as
 its output row. A transient fault (a dead replica, a timeout, a dropped connection) is retried with backoff
 before a row is called `failed`.
 """
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from factory.errors import FactoryError, InputError
+from factory.errors import FactoryError, InputError, StorageUnavailable
 from factory.io.images import fetch_bytes
 from factory.jobs.commit import (
     DONE, DONE_WITH_FAILURES, RESULT_SCHEMA, STARTED, VALIDATED, ChunkCommitter, committed_parts, read_committed,
@@ -31,6 +32,7 @@ from factory.jobs.plan import Chunk
 from factory.jobs.spec import RetryConfig
 from factory.jobs.summary import ChunkStats, ChunkValidation
 from factory.jobs.validate import ValidateContext, staged_requests
+from factory.routing.batch import ReplicaCall, adapter_key
 from factory.routing.requests import Status, TaskRequest, TaskResult
 
 log = structlog.get_logger(__name__)
@@ -52,6 +54,7 @@ class CallContext:
     row_timeout_s: float
     retry: RetryConfig
     allow_http: bool
+    batch_size: int  # requests per replica call: the replicas' max_batch_size
     flush_rows: int
     flush_seconds: float
     adapter_window: int | None
@@ -142,7 +145,7 @@ class ChunkCaller:
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._limit is None:  # created here: it belongs to the event loop Ray Data runs us on
-            self._limit = asyncio.Semaphore(self.ctx.in_flight)
+            self._limit = asyncio.Semaphore(max(1, -(-self.ctx.in_flight // self.ctx.batch_size)))
         out = []
         for text in batch["chunk"]:
             stats = await self.run_chunk(Chunk.model_validate_json(text))
@@ -156,13 +159,13 @@ class ChunkCaller:
         await self._report({"settled": chunk.rows - len(work.requests)})
         committer = ChunkCommitter(self.ctx.chunks.storage, self.ctx.chunks.layout, chunk.id,
                                    flush_rows=self.ctx.flush_rows, flush_seconds=self.ctx.flush_seconds)
-        pending = [
-            asyncio.ensure_future(self._row(chunk, line, request, chunk_log))
-            for line, request in ordered_by_adapter(work.requests, self.ctx.adapter_window)
-        ]
+        ordered = ordered_by_adapter(work.requests, self.ctx.adapter_window)
+        pending = [asyncio.ensure_future(self._batch(chunk, batch, chunk_log))
+                   for batch in batches_by_adapter(ordered, self.ctx.batch_size)]
         try:
             for finished in asyncio.as_completed(pending):
-                committer.add(await finished)
+                for row in await finished:
+                    committer.add(row)
                 if committer.due():
                     await self._flush(committer, stats)
             await self._flush(committer, stats)
@@ -190,12 +193,70 @@ class ChunkCaller:
         tally = self.ctx.chunks.tally
         return None if tally is None else await tally.add.remote(counts)
 
-    async def _row(self, chunk: Chunk, line: int, request: TaskRequest, row_log) -> dict:
-        row_log = row_log.bind(tenant=request.tenant, row_id=request.id)
+    async def _batch(self, chunk: Chunk, batch: list[tuple[int, TaskRequest]], chunk_log) -> list[dict]:
+        """One replica call for a batch of requests that share an adapter; one committed-to-be row per request."""
         started = time.perf_counter()
         assert self._limit is not None
         async with self._limit:
-            result, attempts = await self._run(request, row_log)
+            inputs = await asyncio.gather(*(self._input(request) for _, request in batch))
+            results: list[TaskResult | None] = [early for _, early in inputs]
+            calls = [call for call, early in inputs if early is None]
+            answered, attempts = await self._call(calls, chunk_log) if calls else ([], 0)
+        answers = iter(answered)
+        rows = []
+        for (line, request), early in zip(batch, results, strict=True):
+            result = early if early is not None else next(answers)
+            result = await self._write_image(request, result)
+            self.metrics.record(result, time.perf_counter() - started)
+            if result.status is Status.FAILED:
+                chunk_log.info("row failed", tenant=request.tenant, row_id=request.id, error=result.error)
+            row = result.model_dump(mode="json", exclude={"image_png", "quarantine_png"})
+            row.update(attempts=0 if early is not None else attempts, run_id=self.ctx.chunks.run_id,
+                       manifest=chunk.source, manifest_line=line, finished_at=datetime.now(UTC))
+            rows.append(row)
+        return rows
+
+    async def _input(self, request: TaskRequest) -> tuple[ReplicaCall | None, TaskResult | None]:
+        """The call to send for a request, with its input image's bytes; or the result it gets without one."""
+        image_bytes = None
+        if request.image is not None:
+            try:
+                image_bytes = await asyncio.to_thread(
+                    fetch_bytes, request.image, self.ctx.chunks.storage, allow_http=self.ctx.allow_http
+                )
+            except InputError as error:
+                return None, failed_result(request, Status.REJECTED, f"image: {error}")
+            except StorageUnavailable as error:  # retried by the store already: fail the row, a re-run retries it
+                return None, failed_result(request, Status.FAILED, f"image: {error}")
+        return ReplicaCall(request=request, image_bytes=image_bytes), None
+
+    async def _call(self, calls: list[ReplicaCall], chunk_log) -> tuple[list[TaskResult], int]:
+        """The replicas' results for one batch, retrying transient faults with backoff; (results, attempts)."""
+        handle = self.handle.options(multiplexed_model_id=adapter_key(calls[0].request))
+        retry = self.ctx.retry
+        for attempt in range(1, retry.attempts + 1):
+            response = handle.run_many.remote(calls)
+            try:
+                return await asyncio.wait_for(response, timeout=self.ctx.row_timeout_s), attempt
+            except self.transient as error:
+                response.cancel()
+                reason = (f"timed out after {self.ctx.row_timeout_s:g} s" if isinstance(error, TimeoutError)
+                          else f"replica: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                if attempt == retry.attempts:
+                    reason = f"{reason} (after {attempt} attempts)"
+                    return [failed_result(call.request, Status.FAILED, reason) for call in calls], attempt
+                delay = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                chunk_log.info("replica call failed, retrying", reason=reason, attempt=attempt, rows=len(calls),
+                               delay_s=round(delay, 2))
+                await asyncio.sleep(delay)
+            except Exception as error:  # not transient: the same call would fail again
+                chunk_log.info("replica call failed", error=repr(error), rows=len(calls))
+                reason = f"replica: {type(error).__name__}: {error}"
+                return [failed_result(call.request, Status.FAILED, reason) for call in calls], attempt
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _write_image(self, request: TaskRequest, result: TaskResult) -> TaskResult:
+        """Write an ok row's image (or a quarantined one) before the row that points at it is committed."""
         storage, layout = self.ctx.chunks.storage, self.ctx.chunks.layout
         try:
             if result.status is Status.OK and result.image_png is not None:
@@ -209,45 +270,18 @@ class ChunkCaller:
         except FactoryError as error:
             result = result.model_copy(update={"status": Status.FAILED, "error": f"writing image: {error}",
                                                "image_uri": None, "quarantine_uri": None})
-        self.metrics.record(result, time.perf_counter() - started)
-        if result.status is Status.FAILED:
-            row_log.info("row failed", error=result.error, attempts=attempts)
-        row = result.model_dump(mode="json", exclude={"image_png", "quarantine_png"})
-        row.update(attempts=attempts, run_id=self.ctx.chunks.run_id, manifest=chunk.source, manifest_line=line,
-                   finished_at=datetime.now(UTC))
-        return row
+        return result
 
-    async def _run(self, request: TaskRequest, row_log) -> tuple[TaskResult, int]:
-        from factory.routing.batch import ReplicaCall, adapter_key
 
-        image_bytes = None
-        if request.image is not None:
-            try:
-                image_bytes = await asyncio.to_thread(
-                    fetch_bytes, request.image, self.ctx.chunks.storage, allow_http=self.ctx.allow_http
-                )
-            except InputError as error:
-                return failed_result(request, Status.REJECTED, f"image: {error}"), 0
-        call = ReplicaCall(request=request, image_bytes=image_bytes)
-        handle = self.handle.options(multiplexed_model_id=adapter_key(request))
-        retry = self.ctx.retry
-        for attempt in range(1, retry.attempts + 1):
-            response = handle.remote(call)
-            try:
-                return await asyncio.wait_for(response, timeout=self.ctx.row_timeout_s), attempt
-            except self.transient as error:
-                response.cancel()
-                reason = (f"timed out after {self.ctx.row_timeout_s:g} s" if isinstance(error, TimeoutError)
-                          else f"replica: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-                if attempt == retry.attempts:
-                    return failed_result(request, Status.FAILED, f"{reason} (after {attempt} attempts)"), attempt
-                delay = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                row_log.info("replica call failed, retrying", reason=reason, attempt=attempt, delay_s=round(delay, 2))
-                await asyncio.sleep(delay)
-            except Exception as error:  # not transient: the same call would fail again
-                row_log.info("replica call failed", error=repr(error))
-                return failed_result(request, Status.FAILED, f"replica: {type(error).__name__}: {error}"), attempt
-        raise AssertionError("unreachable")  # pragma: no cover
+def batches_by_adapter(requests: list[tuple[int, TaskRequest]], size: int) -> list[list[tuple[int, TaskRequest]]]:
+    """Consecutive requests cut into batches of at most `size` that share one adapter (a replica call runs one)."""
+    batches: list[list[tuple[int, TaskRequest]]] = []
+    for item in requests:
+        if batches and len(batches[-1]) < size and batches[-1][0][1].adapter == item[1].adapter:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
 
 
 def failed_result(request: TaskRequest, status: Status, error: str) -> TaskResult:

@@ -1,14 +1,14 @@
 """Duplicate ids across a whole run, with memory bounded per shard.
 
-Every valid row contributes one key (id, chunk, line). Keys are spread over shards by a stable hash of the id
-and Ray Data groups them by shard, so one worker holds one shard's keys at a time (never every id of the run in
-one process). Within a shard, an id seen more than once is owned by its first occurrence in input order
-(plan order of chunks, then line): the same occurrence on every attempt, whatever order workers ran in. Every
-other occurrence is written, per chunk, to a small file the chunk's worker reads to reject those rows.
+Every valid row contributes one key (id, chunk ordinal, line). Keys are spread over shards of about
+`SHARD_KEYS` by a stable hash of the id and Ray Data groups them by shard, so a worker holds one shard's keys at
+a time (never every id of the run in one process). Within a shard, an id seen more than once is owned by its
+first occurrence in input order (plan order of chunks, then line): the same occurrence on every attempt,
+whatever order workers ran in. Every other occurrence is written, per chunk, to a small file the chunk's worker
+reads to reject those rows.
 
-Cost: a key is the id plus two integers and a shard number (~40-60 bytes in Arrow for typical ids), so ten
-million ids move ~0.5 GB through Ray's object store once (spilled to disk past its memory) and a shard of
-`SHARD_KEYS` keys is ~20 MB in a worker.
+Cost: a key is the id plus three integers (~40 bytes in Arrow for typical ids), so ten million ids are 200
+shards and ~0.4 GB moved once through Ray's object store (spilled to disk past its memory); a shard is ~2 MB.
 """
 
 from __future__ import annotations

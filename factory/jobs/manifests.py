@@ -220,6 +220,10 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# NaN/Infinity are not JSON; Python's parser accepts them unless told otherwise. One decoder for every line.
+_JSON = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def _iter_jsonl(uri: str, stream: IO[bytes], first_line: int = 1) -> Iterator[ManifestRecord]:
     # Only the file's own start can reveal a JSON array (planning checks it before any chunk is read).
     seen_content = first_line > 1
@@ -242,8 +246,7 @@ def _iter_jsonl(uri: str, stream: IO[bytes], first_line: int = 1) -> Iterator[Ma
             raise InputError(f"{uri}: a JSON array, not JSON lines (write one object per line)")
         seen_content = True
         try:
-            # NaN/Infinity are not JSON; Python's parser accepts them unless told otherwise.
-            value = json.loads(stripped, parse_constant=_no_constants)
+            value = _JSON.decode(stripped)
         except json.JSONDecodeError as exc:
             yield ManifestRecord(uri, number, error=f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})")
             continue

@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 # Reading and validating is CPU work; half a CPU each lets two chunks share a core with the I/O waits.
 VALIDATE_CPUS = 0.5
 MARKER_READERS = 16
+DUPLICATE_CHUNKS_PER_TASK = 16
 
 
 class JobAborted(FactoryError):
@@ -140,18 +141,25 @@ def ensure_validated(run: Run, tally, progress: Progress) -> DedupIndex:
             fn_kwargs={"chunks": [(chunk.id, chunk.source) for chunk in chunks], "layout": run.layout,
                        "storage": run.storage},
         )
+        started = time.monotonic()
         for row in _worker_rows(found, run):
             index.chunks.setdefault(row["chunk"], []).append(int(row["shard"]))
+        run.log.info("chunks validated and duplicate ids found", chunks=len(chunks), shards=ctx.shards,
+                     seconds=round(time.monotonic() - started, 1))
         if index.chunks:
+            started = time.monotonic()
             by_id = {chunk.id: chunk for chunk in chunks}
+            # A duplicate chunk's work is small (its few repeated rows): several chunks per task.
             written = ray.data.from_items(
                 [{"chunk": by_id[chunk_id].model_dump_json()} for chunk_id in sorted(index.chunks)],
-                override_num_blocks=len(index.chunks),
-            ).map_batches(duplicate_rejects, batch_size=1, fn_kwargs={"ctx": ctx, "index": index},
+                override_num_blocks=max(1, -(-len(index.chunks) // DUPLICATE_CHUNKS_PER_TASK)),
+            ).map_batches(duplicate_rejects, batch_size=None, fn_kwargs={"ctx": ctx, "index": index},
                           batch_format="numpy", num_cpus=VALIDATE_CPUS)
             for row in _worker_rows(written, run):
                 removed = ChunkValidation.model_validate_json(row["removed"])
                 index.removed[removed.chunk] = removed
+            run.log.info("duplicates rejected", chunks=len(index.chunks), rows=sum(
+                removed.requests for removed in index.removed.values()), seconds=round(time.monotonic() - started, 1))
     run.storage.write_bytes(run.layout.dedup_index, index.model_dump_json().encode())
     return index
 
@@ -245,6 +253,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
             ctx = CallContext(
                 job=spec.name, chunks=run.context(tally), dedup=index, app_name=app_name, in_flight=spec.in_flight,
                 row_timeout_s=spec.row_timeout_s, retry=spec.retry, allow_http=spec.allow_http,
+                batch_size=spec.serve.max_batch_size,
                 flush_rows=spec.commit.rows, flush_seconds=spec.commit.seconds, adapter_window=spec.adapter_window,
                 retry_failed=retry_failed,
             )

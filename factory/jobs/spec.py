@@ -151,7 +151,11 @@ class JobSpec(_Section):
         description="Manifest lines per chunk: the unit of work, commit and resume. A re-run skips finished chunks "
         "and redoes at most the uncommitted rows of the chunks that were in progress",
     )
-    in_flight: int = Field(default=8, ge=1, description="Most requests each caller keeps in flight to the replicas")
+    in_flight: int = Field(
+        default=8, ge=1, description="Most requests each caller keeps in flight to the replicas, sent in batches of "
+        "serve.max_batch_size (raise it with serve.replicas: about 2 x replicas x max_batch_size keeps every "
+        "replica busy)"
+    )
     adapter_window: int | None = Field(
         default=None, ge=1, description="A chunk's rows are ordered by adapter (stable), within windows of this "
         "many rows or, unset, the whole chunk, so replicas switch adapters far less often than a shuffled manifest "
@@ -172,8 +176,9 @@ class JobSpec(_Section):
         default_factory=ErrorBudget, description="Failures tolerated before the job stops"
     )
     row_timeout_s: float = Field(
-        default=600.0, gt=0, description="A replica call that takes longer is cancelled and retried; a row whose "
-        "every attempt timed out is failed (and counts against the error budget)"
+        default=600.0, gt=0, description="A replica call (one batch of up to serve.max_batch_size rows) that takes "
+        "longer is cancelled and retried; rows whose every attempt timed out are failed (and count against the "
+        "error budget)"
     )
     commit: CommitConfig = Field(
         default_factory=CommitConfig, description="How often finished rows are committed to results"

@@ -118,17 +118,6 @@ class ChunkValidation(BaseModel):
     )
     read_before: bool = Field(default=False, description="An earlier attempt had started reading this chunk")
 
-    def add_request(self, tenant: str, task: str, adapter: str, step_megapixels: float) -> None:
-        self.requests += 1
-        _add(self.tenants, tenant)
-        _add(self.tasks, task)
-        _add(self.adapters, adapter)
-        self.generate_step_megapixels += step_megapixels
-
-    def add_reject(self, field: str) -> None:
-        self.rejects += 1
-        _add(self.reject_fields, field)
-
     def remove(self, other: ChunkValidation) -> None:
         """Take away requests that will not run after all (duplicates of an earlier row)."""
         self.requests -= other.requests

@@ -4,8 +4,8 @@ A worker reads exactly its chunk's rows, validates each, resolves its task and a
 under the run's output: the chunk's rejects (one part, whose content is a function of the inputs, so a repeat
 attempt keeps the first copy), the accepted requests as typed Arrow columns (what the model stage runs), and a
 `validated` marker with the chunk's counts. It returns the keys (id, chunk, line) that duplicate detection
-needs; a chunk validated by an earlier attempt returns its keys from its staged requests without reading the
-manifest again.
+needs; the keys of a chunk an earlier attempt validated come from its staged requests (`staged_keys`), without
+reading the manifest again.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from factory.jobs.manifests import ManifestRecord, iter_range_records, validate_
 from factory.jobs.plan import Chunk
 from factory.jobs.summary import ChunkValidation
 from factory.routing.parser import GenerationDefaults, RequestError, parse_request, with_adapter
-from factory.routing.requests import Task, TaskRequest
+from factory.routing.requests import TaskRequest
 
 log = structlog.get_logger(__name__)
 
@@ -77,43 +78,53 @@ def reject_row(run_id: str, manifest: str, line: int, field: str, reason: str, r
     }
 
 
-def step_megapixels(request: TaskRequest) -> float:
-    if request.task is not Task.GENERATE:
-        return 0.0
-    return (request.steps or 0) * (request.width or 0) * (request.height or 0) / 1e6
+def count_requests(chunk: str, requests: pa.Table) -> ChunkValidation:
+    """A chunk's requests counted by tenant, task and adapter, and the steps x megapixels of its generation rows,
+    from their columns."""
+    def counts(column: pa.ChunkedArray) -> dict[str, int]:
+        found = pc.value_counts(column).to_pylist()
+        return {item["values"] if item["values"] is not None else "base": item["counts"] for item in found}
+
+    generate = requests.filter(pc.equal(requests["task"], "generate"))
+    pixels = pc.multiply(pc.multiply(generate["steps"], generate["width"]), generate["height"])
+    return ChunkValidation(
+        chunk=chunk, requests=requests.num_rows, tenants=counts(requests["tenant"]), tasks=counts(requests["task"]),
+        adapters=counts(requests["adapter"]),
+        generate_step_megapixels=(pc.sum(pixels).as_py() or 0) / 1e6 if generate.num_rows else 0.0,
+    )
 
 
 def validate_chunk(ctx: ValidateContext, chunk: Chunk) -> tuple[ChunkValidation, pa.Table]:
     """Read, validate and stage one chunk; returns its counts (also written as its marker) and its requests.
 
     A `reading` trace is left first, so that a later attempt can tell (and report) rows it reads a second time."""
-    stats = ChunkValidation(chunk=chunk.id)
     trace = ctx.layout.chunk_file(chunk.id, READING)
-    stats.read_before = ctx.storage.exists(trace)
-    if not stats.read_before:
+    read_before = ctx.storage.exists(trace)
+    if not read_before:
         ctx.storage.write_bytes(trace, b"")
     requests: list[dict] = []
     rejects: list[dict] = []
+    rows_read = 0
     try:
         for record in iter_range_records(chunk.source, ctx.storage, chunk.first_line, chunk.last_line,
                                          start=chunk.start, end=chunk.end, columns=chunk.columns):
-            stats.rows_read += 1
+            rows_read += 1
             request, reject = _validate_one(ctx, record)
             if reject is not None:
                 rejects.append(reject)
-                stats.add_reject(reject["field"])
-                continue
-            requests.append({"line": record.line, **request.model_dump(mode="json")})
-            stats.add_request(request.tenant, request.task.value, request.adapter or "base", step_megapixels(request))
+            else:
+                requests.append({"line": record.line, **request.model_dump(mode="json")})
     except InputError as error:
         # The bytes of this chunk cannot be decoded (a broken gzip member, a corrupt Parquet page): the rows
         # read so far stand, the rest of the chunk is one reject naming the file and where it broke.
-        rejects.append(reject_row(ctx.run_id, chunk.source, chunk.first_line + stats.rows_read, "manifest", str(error)))
-        stats.add_reject("manifest")
+        rejects.append(reject_row(ctx.run_id, chunk.source, chunk.first_line + rows_read, "manifest", str(error)))
     if rejects:
         table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
         publish_once(ctx.storage, ctx.layout.reject_part(chunk.id, ROWS_REJECTS), parquet_bytes(table))
     staged = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
+    stats = count_requests(chunk.id, staged)
+    stats.rows_read, stats.read_before, stats.rejects = rows_read, read_before, len(rejects)
+    stats.reject_fields = dict(Counter(reject["field"] for reject in rejects))
     ctx.storage.write_bytes(ctx.layout.chunk_file(chunk.id, STAGED_REQUESTS), parquet_bytes(staged))
     failpoint("validate.before_marker", chunk.ordinal)
     ctx.storage.write_bytes(ctx.layout.chunk_file(chunk.id, VALIDATED), stats.model_dump_json().encode())
@@ -135,9 +146,9 @@ def _validate_one(ctx: ValidateContext, record: ManifestRecord) -> tuple[TaskReq
     return relative_to_manifest(request, record.source), None
 
 
-def staged_requests(ctx: ValidateContext, chunk: str, columns: list[str] | None = None) -> pa.Table:
-    table = read_parquet_bytes(ctx.storage.read_bytes(ctx.layout.chunk_file(chunk, STAGED_REQUESTS)))
-    return table.select(columns) if columns else table
+def staged_requests(ctx: ValidateContext, chunk: str) -> pa.Table:
+    """The typed requests a chunk's validation staged."""
+    return read_parquet_bytes(ctx.storage.read_bytes(ctx.layout.chunk_file(chunk, STAGED_REQUESTS)))
 
 
 def chunk_keys(batch: dict[str, np.ndarray], ctx: ValidateContext) -> pa.Table:
@@ -165,24 +176,21 @@ def staged_keys(batch: pa.Table, ordinals: dict[str, int], shards: int) -> pa.Ta
 
 def write_duplicate_rejects(ctx: ValidateContext, chunk: Chunk, index: DedupIndex) -> ChunkValidation:
     """The chunk's rows whose id an earlier row owns, as rejects naming the owner; returns them counted."""
-    removed = ChunkValidation(chunk=chunk.id)
     duplicates = load_duplicates(ctx.storage, ctx.layout, chunk.id, index)
     if not duplicates:
-        return removed
+        return ChunkValidation(chunk=chunk.id)
     staged = staged_requests(ctx, chunk.id)
     lines = pa.array(sorted(duplicates), pa.int64())
-    rows = staged.filter(pc.is_in(staged["line"], value_set=lines)).sort_by("line").to_pylist()
+    repeated = staged.filter(pc.is_in(staged["line"], value_set=lines)).sort_by("line")
     rejects = []
-    for row in rows:
+    for row in repeated.to_pylist():
         fields = {k: v for k, v in row.items() if k != "line" and v is not None}
         rejects.append(reject_row(ctx.run_id, chunk.source, row["line"], "id",
                                   f"duplicate id {row['id']!r} (first at {duplicates[row['line']][1]})",
                                   fields, row["id"], row["tenant"]))
-        request = TaskRequest.model_validate(fields)
-        removed.add_request(request.tenant, request.task.value, request.adapter or "base", step_megapixels(request))
     table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
     publish_once(ctx.storage, ctx.layout.reject_part(chunk.id, DUPLICATE_REJECTS), parquet_bytes(table))
-    return removed
+    return count_requests(chunk.id, repeated)
 
 
 def duplicate_rejects(batch: dict[str, np.ndarray], ctx: ValidateContext, index: DedupIndex) -> dict[str, np.ndarray]:

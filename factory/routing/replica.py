@@ -83,9 +83,20 @@ class StackReplica:
     async def __call__(self, call: ReplicaCall | dict) -> TaskResult:
         return await self.run_batch(ReplicaCall.model_validate(call))
 
+    async def run_many(self, calls: list[ReplicaCall | dict]) -> list[TaskResult]:
+        """A batch a caller made itself (a job's chunk, grouped by adapter): one request, one library call.
+        Bigger than max_batch_size is refused: the caller sizes batches from the same config."""
+        if len(calls) > self.config.max_batch_size:
+            raise ValueError(f"{len(calls)} calls in one batch, this replica runs at most {self.config.max_batch_size}")
+        return await self._run([ReplicaCall.model_validate(call) for call in calls])
+
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def run_batch(self, calls: list[ReplicaCall]) -> list[TaskResult]:
-        # Serve splits batches by multiplexed id: every call here names the same adapter (or the base model).
+        """Single requests, gathered by Serve into batches (split by multiplexed id)."""
+        return await self._run(calls)
+
+    async def _run(self, calls: list[ReplicaCall]) -> list[TaskResult]:
+        # Every call names the same adapter (or the base model): Serve's multiplexed id of the request.
         adapter_id = serve.get_multiplexed_model_id() or BASE_ADAPTER
         try:
             await self.get_adapter(adapter_id)

@@ -5,8 +5,6 @@ retried by a re-run, two jobs at once, and `factory validate`."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +19,7 @@ from factory.io.storage import Storage
 from factory.jobs.commit import read_table
 from factory.jobs.pipeline import run_job, validate_job
 from factory.jobs.spec import load_spec
+from tests.drivers import kill_when, start_driver
 
 pytestmark = pytest.mark.slow
 
@@ -142,34 +141,13 @@ def test_s3_failing_part_of_its_requests_loses_nothing_and_a_dead_endpoint_is_on
                     address=ray_cluster["address"], show_progress=False)
 
 
-def start_driver(spec: Path, address: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "factory", "run", str(spec), "--address", address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, **env},
-    )
-
-
-def kill_when(driver: subprocess.Popen, ready, timeout: float = 240) -> None:
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the kill point was never reached"
-            time.sleep(0.1)
-        os.killpg(driver.pid, signal.SIGKILL)  # the whole driver, no chance to clean up
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-
-
 @pytest.mark.parametrize("point", ["validate.before_marker", "commit.between_parts"])
 def test_driver_killed_at_a_failpoint_then_rerun_gives_every_row_exactly_once(ray_cluster, tmp_path, point):
     ids = write_rows(tmp_path / "rows.jsonl", 80, duplicate_every=9)
     spec = write_spec(tmp_path, "killed", "rows.jsonl", str(tmp_path / "out"))
     root = str(tmp_path / "out" / "killed")
     flag = tmp_path / "reached"
-    driver = start_driver(spec, ray_cluster["address"], FACTORY_FAILPOINT=f"{point}={flag}")
+    driver = start_driver("run", spec, ray_cluster["address"], FACTORY_FAILPOINT=f"{point}={flag}")
     kill_when(driver, flag.exists)
     layout, storage = OutputLayout(root), Storage()
     if point == "commit.between_parts":
@@ -279,12 +257,8 @@ def test_validate_killed_part_way_resumes_by_chunk(ray_cluster, tmp_path):
     write_rows(tmp_path / "rows.jsonl", 200, duplicate_every=7)
     spec = write_spec(tmp_path, "validated", "rows.jsonl", str(tmp_path / "out"))
     flag = tmp_path / "reached"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "factory", "validate", str(spec), "--address", ray_cluster["address"]],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        # Stop the worker on the eighth chunk: chunks before it are validated by then.
-        env={**os.environ, "FACTORY_FAILPOINT": f"validate.before_marker[7]={flag}"},
-    )
+    # Stop the worker on the eighth chunk: chunks before it are validated by then.
+    driver = start_driver("validate", spec, ray_cluster["address"], FACTORY_FAILPOINT=f"validate.before_marker[7]={flag}")
     kill_when(driver, flag.exists)
     summary = validate_job(load_spec(spec), address=ray_cluster["address"], show_progress=False)
     assert summary.rows == 200 and summary.duplicates == 28 and summary.requests == 172

@@ -4,11 +4,8 @@ against a local folder and a real S3-compatible server over HTTP."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from factory.io.storage import Storage
 from factory.jobs.pipeline import JobAborted, run_job
 from factory.jobs.commit import RESULT_SCHEMA, read_table
 from factory.jobs.spec import load_spec
+from tests.drivers import kill_when, start_driver
 
 pytestmark = pytest.mark.slow
 
@@ -151,20 +149,8 @@ def test_driver_killed_part_way_then_rerun_has_every_row_exactly_once(ray_cluste
     spec_path = small_spec(tmp_path, tmp_path / "rows.jsonl", "resume")
     root = str(tmp_path / "out" / "resume")
     storage = Storage()
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "factory", "run", str(spec_path), "--address", ray_cluster["address"]],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(results_of(storage, root)) < 40:
-            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
-            time.sleep(0.2)
-        os.killpg(driver.pid, signal.SIGKILL)  # the whole driver, no chance to clean up
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    driver = start_driver("run", spec_path, ray_cluster["address"])
+    kill_when(driver, lambda: len(results_of(storage, root)) >= 40)
     committed = results_of(storage, root)
     assert 40 <= len(committed) < len(ids), "the kill must land part-way"
     assert not storage.exists(OutputLayout(root).success)

@@ -55,20 +55,16 @@ def make_spec(manifest: Path, output: Path, *, size: int, steps: int, cpus: floa
 
 
 def _runner(spec, threads: int):
-    """The replica's batch runner over a fresh stack, as a replica builds it (no adapters in this benchmark)."""
+    """The runner a replica builds for this spec (no adapters in this benchmark), on `threads` torch threads."""
     import torch
 
-    from factory.io.storage import Storage
-    from factory.model.lora import LoraPool
     from factory.model.stack import ModelStack
-    from factory.routing.batch import BatchRunner
-    from factory.safety.policy import SafetyChecker
+    from factory.routing.replica import ReplicaConfig, build_runner
 
     torch.set_num_threads(threads)
-    stack = ModelStack.from_profile(spec.profile)
-    safety = SafetyChecker(spec.safety)
-    safety.load()
-    return BatchRunner(stack, safety, LoraPool(stack.generator.pipe, storage=Storage()), {})
+    config = ReplicaConfig(profile=spec.profile, max_batch_size=spec.serve.max_batch_size, threads=threads,
+                           safety=spec.safety)
+    return build_runner(config, ModelStack.from_profile(spec.profile))
 
 
 def bare_loop(manifest: Path, output: Path, runner, spec) -> float:

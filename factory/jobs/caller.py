@@ -3,8 +3,8 @@
 A `ChunkCaller` is a Ray Data actor that takes one chunk per call (a few at once), orders the chunk's requests by
 adapter, sends them to the replicas in batches of the replicas' batch size (one Serve request and one library
 call per batch, all on one adapter) with at most `in_flight` requests in flight, writes the images of `ok` rows,
-commits result parts as rows finish, and writes the chunk's marker at the end. Only counts leave it: to the run's tally as it goes, and the chunk's counts as
-its output row. A transient fault (a dead replica, a timeout, a dropped connection) is retried with backoff
+commits result parts as rows finish, and writes the chunk's marker at the end. Only counts leave it: to the
+run's tally as it goes, and the chunk's counts as its output row. A transient fault (a dead replica, a timeout, a dropped connection) is retried with backoff
 before a row is called `failed`.
 """
 
@@ -33,6 +33,7 @@ from factory.jobs.spec import RetryConfig
 from factory.jobs.summary import ChunkStats, ChunkValidation
 from factory.jobs.validate import ValidateContext, staged_requests
 from factory.routing.batch import ReplicaCall, adapter_key
+from factory.routing.executor import base_result
 from factory.routing.requests import Status, TaskRequest, TaskResult
 
 log = structlog.get_logger(__name__)
@@ -225,9 +226,9 @@ class ChunkCaller:
                     fetch_bytes, request.image, self.ctx.chunks.storage, allow_http=self.ctx.allow_http
                 )
             except InputError as error:
-                return None, failed_result(request, Status.REJECTED, f"image: {error}")
+                return None, base_result(request, None, status=Status.REJECTED, error=f"image: {error}")
             except StorageUnavailable as error:  # retried by the store already: fail the row, a re-run retries it
-                return None, failed_result(request, Status.FAILED, f"image: {error}")
+                return None, base_result(request, None, status=Status.FAILED, error=f"image: {error}")
         return ReplicaCall(request=request, image_bytes=image_bytes), None
 
     async def _call(self, calls: list[ReplicaCall], chunk_log) -> tuple[list[TaskResult], int]:
@@ -244,7 +245,8 @@ class ChunkCaller:
                           else f"replica: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
                 if attempt == retry.attempts:
                     reason = f"{reason} (after {attempt} attempts)"
-                    return [failed_result(call.request, Status.FAILED, reason) for call in calls], attempt
+                    failed = [base_result(call.request, None, status=Status.FAILED, error=reason) for call in calls]
+                    return failed, attempt
                 delay = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 chunk_log.info("replica call failed, retrying", reason=reason, attempt=attempt, rows=len(calls),
                                delay_s=round(delay, 2))
@@ -252,7 +254,7 @@ class ChunkCaller:
             except Exception as error:  # not transient: the same call would fail again
                 chunk_log.info("replica call failed", error=repr(error), rows=len(calls))
                 reason = f"replica: {type(error).__name__}: {error}"
-                return [failed_result(call.request, Status.FAILED, reason) for call in calls], attempt
+                return [base_result(call.request, None, status=Status.FAILED, error=reason) for call in calls], attempt
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _write_image(self, request: TaskRequest, result: TaskResult) -> TaskResult:
@@ -282,11 +284,3 @@ def batches_by_adapter(requests: list[tuple[int, TaskRequest]], size: int) -> li
         else:
             batches.append([item])
     return batches
-
-
-def failed_result(request: TaskRequest, status: Status, error: str) -> TaskResult:
-    return TaskResult(
-        id=request.id, tenant=request.tenant, task=request.task, status=status, prompt=request.prompt,
-        question=request.question, source_uri=request.image, adapter=request.adapter, seed=request.seed,
-        steps=request.steps, width=request.width, height=request.height, guidance=request.guidance, error=error,
-    )

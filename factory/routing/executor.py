@@ -30,11 +30,14 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def base_result(request: TaskRequest, stack: ModelStack, **fields) -> TaskResult:
+def base_result(request: TaskRequest, stack: ModelStack | None, **fields) -> TaskResult:
+    """A result carrying the request's fields; `stack` is None for a row no model saw (its input was unreadable,
+    or every replica call failed), which then names no profile or model version."""
     return TaskResult(
         id=request.id, tenant=request.tenant, task=request.task, prompt=request.prompt,
         question=request.question, source_uri=request.image, adapter=request.adapter,
-        profile=stack.profile.name, model_version=stack.model_version, seed=request.seed,
+        profile=stack.profile.name if stack is not None else None,
+        model_version=stack.model_version if stack is not None else None, seed=request.seed,
         steps=request.steps, width=request.width, height=request.height, guidance=request.guidance,
         **fields,
     )

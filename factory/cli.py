@@ -151,6 +151,33 @@ def run(
 
 @app.command()
 @one_line_errors
+def caption(
+    sources: Annotated[list[str], typer.Argument(
+        metavar="SOURCE...", help="Folders, s3:// prefixes, tar shards (shard-{000..009}.tar) or zip files")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder or s3:// prefix (DEST)")],
+    prompt: Annotated[Optional[str], typer.Option(help="Caption instruction, e.g. 'Describe: ...'")] = None,
+    question: Annotated[Optional[str], typer.Option(help="Also ask every image this question")] = None,
+    sidecars: Annotated[bool, typer.Option(
+        "--sidecars", help="Write DEST/<run>/dataset/<name>.<ext> + <name>.txt (kohya / ai-toolkit layout)")] = False,
+    profile: ProfileOption = "tiny",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: key=value")] = None,
+    run_id: Annotated[Optional[str], typer.Option(
+        help="Run id (default: caption-<digest of the sources>); the same id resumes")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: $RAY_ADDRESS or local)")] = None,
+):
+    """Caption every image of archives: rows in DEST/<run>/results/, optional trainer sidecars; resumable."""
+    from factory.jobs.archive import caption_spec, default_run_id
+    from factory.jobs.pipeline import run_job
+    from factory.jobs.report import print_summary
+
+    _configure_logging()
+    spec = caption_spec(sources, output, prompt=prompt, question=question, sidecars=sidecars, profile=profile,
+                        overrides=overrides or [])
+    print_summary(run_job(spec, run_id=_checked_run_id(run_id) or default_run_id(spec), address=address))
+
+
+@app.command()
+@one_line_errors
 def validate(
     spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="Job spec")],
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: key=value")] = None,
@@ -184,6 +211,74 @@ def submit(
     status = submit_job(spec_path, address=address, overrides=overrides or [], run_id=_checked_run_id(run_id), wait=wait)
     if status not in ("SUCCEEDED", "PENDING", "RUNNING"):
         raise FactoryError(f"job ended {status}")
+
+
+@app.command()
+@one_line_errors
+def report(
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="A run's output: OUTPUT/<run id>, local or s3://")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="HTML file to write (default: OUTPUT/report.html)")] = None,
+    per_group: Annotated[int, typer.Option(min=1, help="Cards per tenant and region; the rest are counted")] = 60,
+):
+    """Write a run's static HTML gallery: thumbnails by tenant and region, captions, answers, verdicts, counts."""
+    from factory.io.storage import join
+    from factory.jobs.gallery import write_gallery
+
+    _configure_logging()
+    destination = out or join(output, "report.html")
+    stats = write_gallery(output, destination, per_group=per_group)
+    typer.echo(f"{destination}: {stats.rows} rows, {stats.thumbnails} thumbnails in {stats.groups} groups")
+
+
+@app.command("serve")
+@one_line_errors
+def serve_api(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Serving config YAML (see infra/serve-api.yaml)")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: $RAY_ADDRESS or local)")] = None,
+):
+    """Serve the online API (HTTP and gRPC) in front of the model replicas until Ctrl-C."""
+    import time
+
+    from factory.jobs.cluster import connect, wait_until_ready
+    from factory.routing.app import deploy_serving, load_serving
+
+    _configure_logging()
+    serving = load_serving({} if config is None else None, path=config)
+    connect(address)
+    deploy_serving(serving)
+    settings, name = serving.config.api, serving.config.app_name
+    typer.echo(f"app {name}: replicas loading (profile {serving.config.profile})", err=True)
+    wait_until_ready(name, serving.config.serve.ready_timeout_s)
+    prefix = settings.route_prefix.rstrip("/")
+    typer.echo(f"HTTP  http://{settings.http.host}:{settings.http.port}{prefix}/v1/tasks   (docs: {prefix}/docs)")
+    if settings.grpc.enabled:
+        typer.echo(f"gRPC  {settings.http.host}:{settings.grpc.port}  factory.v1.Factory  (metadata application={name})")
+    if not settings.keys:
+        typer.echo("warning: no api.keys configured: every request is 401 (make one with `factory api-key TENANT`)",
+                   err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        from ray import serve
+
+        try:
+            serve.delete(name)
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            pass
+
+
+@app.command("api-key")
+@one_line_errors
+def api_key(tenant: Annotated[str, typer.Argument(help="Tenant the key acts for")]):
+    """Make an API key: prints the key (give it to the tenant; it is not stored) and the config entry (a hash)."""
+    import json
+
+    from factory.routing.auth import new_key
+
+    made = new_key(tenant)
+    typer.echo(f"key:    {made.key}")
+    typer.echo(f"config: {json.dumps(made.entry.model_dump())}    # under api.keys")
 
 
 def _checked_run_id(run_id: str | None) -> str | None:
@@ -227,6 +322,7 @@ def models_list():
         typer.echo(f"{profile.name:14} {profile.description}")
         typer.echo(f"{'':14} generator: {profile.generator.source} ({profile.generator.dtype}, "
                    f"{profile.generator.steps} steps, {profile.generator.width}x{profile.generator.height})")
+        typer.echo(f"{'':14} speed:     {profile.generator.performance.tag()}")
         typer.echo(f"{'':14} vlm:       {profile.vlm.source} ({profile.vlm.dtype})")
 
 

@@ -98,12 +98,16 @@ def ray_cluster(factory_home, tiny_path, s3_endpoint):
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     gcs_port, dashboard_port = _free_port(), _free_port()
+    # Ray's fixed default ports (dashboard agent 52365, metrics, runtime-env agent) collide with any other Ray on
+    # the machine, and a dashboard agent that cannot bind leaves the Jobs API without an agent: pick free ones.
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     # A temp dir of its own (short: Ray's socket paths live under it), so teardown stops this cluster only.
     temp_dir = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")
     subprocess.run(
         [str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--disable-usage-stats", f"--temp-dir={temp_dir}", *agent_ports],
         check=True, capture_output=True,
     )
     address = f"127.0.0.1:{gcs_port}"

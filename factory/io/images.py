@@ -261,3 +261,135 @@ def _read_capped(
         # Checked while streaming: Content-Length can be absent or lie.
         if len(buf) > max_bytes:
             raise InputError(f"{source}: larger than the {max_bytes} byte limit")
+
+
+# ---- images from archives: decoded once, by rule, to what the model reads ------------------------------
+#
+# Every image an archive job reads goes through `prepare_image`, in the job's workers (never in the replica):
+# decoded under the pixel cap, brought to 8-bit RGB by the rules below, and shrunk to the model's pixel budget.
+# The rules that applied are recorded with the row (`rule`, joined with '+', or 'none'):
+#
+#   first-frame      animated GIF/WebP/APNG or multi-page TIFF: the first frame (what a thumbnail shows)
+#   exif-rotate      EXIF orientation applied, so the model sees the photo upright (width/height are upright)
+#   cmyk-to-rgb      CMYK (print JPEGs and TIFFs) converted to RGB
+#   16bit-to-8bit    16-bit samples scaled to 8 bits (v * 255 / 65535, not clipped)
+#   alpha-over-white transparency flattened onto white (a transparent logo stays a logo, not a black square)
+#   palette-to-rgb   palette images without transparency expanded to RGB
+#   grayscale-to-rgb one-channel images (L, 1) repeated into three
+#   <mode>-to-rgb    any other colour space Pillow decodes (YCbCr, LAB, HSV) converted to RGB
+#
+# Refused, with the reason as the row's error: zero-byte files, bytes that are no image format in
+# IMAGE_FORMATS, corrupt or truncated images, images over the pixel cap (decompression bombs, checked on the
+# header before any pixel is decoded), and 32-bit float images (no meaningful 8-bit rule).
+
+_ANIMATED_RULE, _EXIF_RULE = "first-frame", "exif-rotate"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class PreparedImage:
+    """An archive image ready for the model: 8-bit RGB within the pixel budget, and what was done to it."""
+
+    __slots__ = ("image", "format", "width", "height", "rule")
+
+    def __init__(self, image: Image.Image, format: str, width: int, height: int, rule: str):
+        self.image = image
+        self.format = format  # PNG, JPEG, ... as decoded (from the bytes, not the name)
+        self.width = width  # upright size of the full image, before fitting the budget
+        self.height = height
+        self.rule = rule
+
+
+def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest size with the same aspect ratio and at most `max_pixels` pixels (the size itself if it fits)."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = (max_pixels / (width * height)) ** 0.5
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    """`image` shrunk (never enlarged) to at most `max_pixels` pixels, aspect ratio kept."""
+    size = fit_size(*image.size, max_pixels)
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def prepare_image(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  budget_pixels: int | None = None) -> PreparedImage:
+    """Decode archive bytes by the rules above; `budget_pixels` bounds what the model will get."""
+    if not data:
+        raise InputError(f"{source}: empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{source}: image too large ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{source}: not an image (or not one of {', '.join(IMAGE_FORMATS)})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(f"{source}: corrupt image header ({exc})") from exc
+    fmt = img.format or "unknown"
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise InputError(f"{source}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(f"{source}: image too large: {width}x{height} pixels, limit is {max_pixels}")
+    if img.mode == "F":
+        raise InputError(f"{source}: 32-bit float pixels are not supported (no 8-bit rule for them)")
+    rules: list[str] = []
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            rules.append(_ANIMATED_RULE)
+            img.seek(0)
+        if budget_pixels is not None and fmt == "JPEG":
+            # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: far less work for a large photo.
+            img.draft(img.mode, fit_size(width, height, budget_pixels))
+        orientation = img.getexif().get(0x0112, 1)
+        img.load()
+        if orientation not in (None, 1):
+            img = ImageOps.exif_transpose(img)
+            rules.append(_EXIF_RULE)
+        if fmt == "PNG" and len(data) > 24 and data[24] == 16 and img.mode not in _SIXTEEN_BIT_MODES:
+            rules.append("16bit-to-8bit")  # 16-bit RGB(A) PNGs: Pillow has scaled them to 8 bits already
+        img = _rgb_by_rule(img, rules)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{source}: image too large ({exc})") from exc
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as exc:
+        raise InputError(f"{source}: corrupt or truncated image ({exc})") from exc
+    if budget_pixels is not None:
+        img = fit_pixels(img, budget_pixels)
+    # Width and height are the full image's, upright (orientations 5-8 turn it a quarter), whatever the draft.
+    upright = (height, width) if _EXIF_RULE in rules and orientation in (5, 6, 7, 8) else (width, height)
+    return PreparedImage(img, fmt, upright[0], upright[1], "+".join(rules) or "none")
+
+
+def _rgb_by_rule(img: Image.Image, rules: list[str]) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES:
+        import numpy as np
+
+        rules.append("16bit-to-8bit")
+        samples = np.asarray(img, dtype=np.float64)
+        eight = np.clip(np.rint(samples * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        rules.append("grayscale-to-rgb")
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    if mode == "CMYK":
+        rules.append("cmyk-to-rgb")
+        return img.convert("RGB")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info) or (
+            mode in ("L", "RGB") and "transparency" in img.info):
+        rules.append("alpha-over-white")
+        return _to_rgb(img.convert("RGBA"))
+    if mode == "P":
+        rules.append("palette-to-rgb")
+        return img.convert("RGB")
+    if mode in ("L", "1"):
+        rules.append("grayscale-to-rgb")
+        return img.convert("RGB")
+    rules.append(f"{mode.lower()}-to-rgb")
+    return img.convert("RGB")

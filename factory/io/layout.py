@@ -9,6 +9,9 @@
     _chunks/dedup.json                            which chunks hold duplicate ids (written once dedup is complete)
     _chunks/<chunk>/...                           staged requests, duplicates, and the chunk's markers
     summary.json, _SUCCESS                        written when the run finishes (validation.json for `validate`)
+    dataset/<name>.<ext>, dataset/<name>.txt      archive runs with sidecars: a passed image and its caption
+    _chunks/plan/                                 archive runs: the chunks planned as the sources were listed
+    _dedup/<sha[:2]>/<sha256>                     archive runs: which row captions each distinct image
 
 Every key is a function of (run root, tenant, row id) or (run root, chunk), so a redone row overwrites its own
 image and a resumed run finds what an earlier one committed.
@@ -82,3 +85,21 @@ class OutputLayout:
     @property
     def success(self) -> str:
         return join(self.root, "_SUCCESS")
+
+    # ---- archive runs (factory caption) ----
+
+    def dataset(self, name: str) -> str:
+        """An image copy or its caption sidecar (kohya / ai-toolkit layout): dataset/<name>.<ext> and .txt."""
+        return join(self.root, "dataset", name)
+
+    @property
+    def archive_plan(self) -> str:
+        """The run's archive chunks as they were planned: one file per chunk, and one per finished listing."""
+        return join(self.chunks, "plan")
+
+    def archive_plan_file(self, name: str) -> str:
+        return join(self.archive_plan, name)
+
+    def sha_claim(self, sha256: str) -> str:
+        """Who captions the image with these bytes: claimed once per run with a conditional put."""
+        return join(self.root, "_dedup", sha256[:2], sha256)

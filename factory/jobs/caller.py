@@ -23,6 +23,7 @@ import structlog
 
 from factory.errors import FactoryError, InputError, StorageUnavailable
 from factory.io.images import fetch_bytes
+from factory.jobs.reuse import ReuseContext, content_key, lookup, remember, reused_result
 from factory.jobs.commit import (
     DONE, DONE_WITH_FAILURES, RESULT_SCHEMA, STARTED, VALIDATED, ChunkCommitter, committed_parts, read_committed,
     stats_of, write_marker,
@@ -60,6 +61,7 @@ class CallContext:
     flush_seconds: float
     adapter_window: int | None
     retry_failed: bool
+    reuse: ReuseContext | None = None  # set: generation rows whose inputs an earlier run had reuse its image
 
 
 @dataclass
@@ -157,7 +159,7 @@ class ChunkCaller:
         chunk_log = self.log.bind(chunk=chunk.id, manifest=chunk.source)
         work = await asyncio.to_thread(prepare_chunk, self.ctx, chunk)
         stats = work.stats
-        await self._report({"settled": chunk.rows - len(work.requests)})
+        await self._report({"settled": self.ctx.chunks.expected_rows(chunk) - len(work.requests)})
         committer = ChunkCommitter(self.ctx.chunks.storage, self.ctx.chunks.layout, chunk.id,
                                    flush_rows=self.ctx.flush_rows, flush_seconds=self.ctx.flush_seconds)
         ordered = ordered_by_adapter(work.requests, self.ctx.adapter_window)
@@ -203,11 +205,18 @@ class ChunkCaller:
             results: list[TaskResult | None] = [early for _, early in inputs]
             calls = [call for call, early in inputs if early is None]
             answered, attempts = await self._call(calls, chunk_log) if calls else ([], 0)
+        if calls:
+            await self._report({"model_rows": len(calls)})
         answers = iter(answered)
         rows = []
         for (line, request), early in zip(batch, results, strict=True):
             result = early if early is not None else next(answers)
             result = await self._write_image(request, result)
+            if early is None and result.status is Status.OK and result.image_uri and self.ctx.reuse is not None:
+                key = content_key(request, self.ctx.reuse)
+                if key is not None:
+                    await asyncio.to_thread(remember, self.ctx.chunks.storage, self.ctx.reuse, key, result,
+                                            self.ctx.chunks.run_id)
             self.metrics.record(result, time.perf_counter() - started)
             if result.status is Status.FAILED:
                 chunk_log.info("row failed", tenant=request.tenant, row_id=request.id, error=result.error)
@@ -218,7 +227,14 @@ class ChunkCaller:
         return rows
 
     async def _input(self, request: TaskRequest) -> tuple[ReplicaCall | None, TaskResult | None]:
-        """The call to send for a request, with its input image's bytes; or the result it gets without one."""
+        """The call to send for a request, with its input image's bytes; or the result it gets without one (an
+        unreadable input, or an image an earlier run made from the same inputs)."""
+        if self.ctx.reuse is not None:
+            key = content_key(request, self.ctx.reuse)
+            found = key and await asyncio.to_thread(lookup, self.ctx.chunks.storage, self.ctx.reuse, key)
+            if found:
+                record, image_png = found
+                return None, reused_result(request, record, image_png, self.ctx.reuse.profile)
         image_bytes = None
         if request.image is not None:
             try:

@@ -42,13 +42,16 @@ REQUEST_SCHEMA = pa.schema([
     ("prompt", pa.string()), ("question", pa.string()), ("image", pa.string()), ("region", pa.string()),
     ("adapter", pa.string()), ("seed", pa.int64()), ("steps", pa.int64()), ("width", pa.int64()),
     ("height", pa.int64()), ("guidance", pa.float64()),
+    ("checks", pa.list_(pa.struct([("name", pa.string()), ("question", pa.string())]))),
 ])
 
 RESULT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("tenant", pa.string()), ("task", pa.string()), ("status", pa.string()),
-    ("prompt", pa.string()), ("question", pa.string()), ("caption", pa.string()), ("answer", pa.string()),
+    ("id", pa.string()), ("tenant", pa.string()), ("region", pa.string()), ("task", pa.string()),
+    ("status", pa.string()), ("prompt", pa.string()), ("question", pa.string()), ("caption", pa.string()),
+    ("answer", pa.string()),
     ("image_uri", pa.string()), ("source_uri", pa.string()), ("adapter", pa.string()),
     ("adapter_sha256", pa.string()), ("profile", pa.string()), ("model_version", pa.string()),
+    ("performance", pa.string()), ("checks", pa.map_(pa.string(), pa.string())), ("reused_from", pa.string()),
     ("seed", pa.int64()), ("steps", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
     ("guidance", pa.float64()), ("latency_ms", pa.float64()), ("safety_ms", pa.float64()),
     ("error", pa.string()), ("attempts", pa.int32()),
@@ -56,6 +59,10 @@ RESULT_SCHEMA = pa.schema([
     ("safety_scores", pa.list_(pa.float64())), ("safety_reason", pa.string()), ("quarantine_uri", pa.string()),
     ("run_id", pa.string()), ("manifest", pa.string()), ("manifest_line", pa.int64()),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
+    # Archive rows (factory caption): the member read, its bytes' digest, the decoded format, the image rule
+    # applied (factory.io.images), and for an exact duplicate the id of the row that was captioned for it.
+    ("member", pa.string()), ("sha256", pa.string()), ("format", pa.string()), ("rule", pa.string()),
+    ("duplicate_of", pa.string()),
 ])
 PART_SCHEMA = pa.schema([field for field in RESULT_SCHEMA if field.name != "tenant"])  # tenant is in the path
 
@@ -178,7 +185,7 @@ def read_committed(storage: Storage, parts: dict[str, list[str]], *, drop_failed
 
 def stats_of(chunk: str, committed: pa.Table, rejects: int) -> ChunkStats:
     stats = ChunkStats(chunk=chunk, rejects=rejects)
-    stats.add_results(committed.select(["tenant", "status", "image_uri", "latency_ms"]).to_pylist())
+    stats.add_results(committed.select(["tenant", "status", "image_uri", "latency_ms", "reused_from"]).to_pylist())
     return stats
 
 

@@ -13,27 +13,29 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import structlog
 
 from factory.errors import FactoryError
 from factory.io.layout import OutputLayout
-from factory.io.storage import Storage, join
+from factory.io.storage import Storage
 from factory.jobs.commit import (
     DONE, DONE_WITH_FAILURES, REJECT_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_once,
 )
+from factory.jobs.durable import check_durable_output
 from factory.jobs.dedup import DedupIndex, find_duplicates, shard_count
 from factory.jobs.manifests import expand_manifest_uris
 from factory.jobs.plan import Chunk, ChunkPlan, load_or_build_plan
 from factory.jobs.progress import Progress
+from factory.jobs.reuse import reuse_context
+from factory.jobs.runs import JobAborted, chunk_states, generation_defaults, output_root, start_tally
 from factory.jobs.spec import JobSpec
 from factory.jobs.summary import (
     ChunkStats, ChunkValidation, RunSummary, ValidationSummary, summarize_run,
 )
 from factory.jobs.validate import ValidateContext, chunk_keys, duplicate_rejects, reject_row, staged_keys
-from factory.routing.parser import GenerationDefaults
 from factory.routing.tenants import TenantRegistry
 
 log = structlog.get_logger(__name__)
@@ -42,26 +44,6 @@ log = structlog.get_logger(__name__)
 VALIDATE_CPUS = 0.5
 MARKER_READERS = 16
 DUPLICATE_CHUNKS_PER_TASK = 16
-
-
-class JobAborted(FactoryError):
-    """The error budget ran out; what was committed stays committed."""
-
-
-def output_root(spec: JobSpec, run_id: str) -> str:
-    return join(spec.output, run_id)
-
-
-def generation_defaults(spec: JobSpec) -> GenerationDefaults:
-    from factory.model.profiles import get_profile
-
-    profile = get_profile(spec.profile).generator
-    given = spec.defaults
-    return GenerationDefaults(
-        steps=given.steps or profile.steps, width=given.width or profile.width,
-        height=given.height or profile.height,
-        guidance=given.guidance if given.guidance is not None else profile.guidance,
-    )
 
 
 @dataclass
@@ -82,19 +64,25 @@ class Run:
         return log.bind(job=self.spec.name, run_id=self.run_id)
 
     def context(self, tally) -> ValidateContext:
-        return ValidateContext(
+        catalog = self.spec.catalog
+        sources = frozenset(expand_manifest_uris(catalog.products, self.storage)) if catalog else frozenset()
+        ctx = ValidateContext(
             run_id=self.run_id, layout=self.layout, storage=self.storage, defaults=generation_defaults(self.spec),
-            shards=shard_count(self.plan.total_rows), registry=self.registry, tally=tally,
+            shards=1, registry=self.registry, tally=tally, catalog=catalog, catalog_sources=sources,
         )
+        return replace(ctx, shards=shard_count(sum(ctx.expected_rows(chunk) for chunk in self.plan.chunks)))
 
 
 def open_run(spec: JobSpec, run_id: str | None) -> Run:
     """Plan the inputs (or reuse this run's plan) and read where every chunk stands, in one listing."""
+    check_durable_output(spec.output)
     started = time.monotonic()
     run_id = run_id or spec.name
     storage = Storage()
     layout = OutputLayout(output_root(spec, run_id))
     manifests = expand_manifest_uris(spec.inputs, storage)
+    if spec.catalog is not None:
+        manifests += expand_manifest_uris(spec.catalog.products, storage)
     plan = load_or_build_plan(manifests, storage, spec.chunk_rows, layout.plan)
     if plan.problems:
         rejects = [reject_row(run_id, problem.source, 0, "manifest", problem.reason) for problem in plan.problems]
@@ -102,26 +90,6 @@ def open_run(spec: JobSpec, run_id: str | None) -> Run:
     registry = TenantRegistry.from_file(spec.tenants) if spec.tenants else None
     return Run(spec=spec, run_id=run_id, storage=storage, layout=layout, plan=plan,
                states=chunk_states(storage, layout), registry=registry, started=started)
-
-
-def chunk_states(storage: Storage, layout: OutputLayout) -> dict[str, set[str]]:
-    states: dict[str, set[str]] = {}
-    prefix = layout.chunks.rstrip("/") + "/"
-    for uri in storage.list_files(layout.chunks):
-        relative = uri[len(prefix):] if uri.startswith(prefix) else uri.rsplit("/_chunks/", 1)[-1]
-        chunk, _, name = relative.partition("/")
-        if name:
-            states.setdefault(chunk, set()).add(name)
-    return states
-
-
-def start_tally(spec: JobSpec | None):
-    import ray
-
-    from factory.jobs.tally import RunTally
-
-    budget = spec.error_budget if spec is not None else None
-    return ray.remote(RunTally).options(num_cpus=0).remote(budget)
 
 
 def ensure_validated(run: Run, tally, progress: Progress) -> DedupIndex:
@@ -231,8 +199,12 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
     import ray
 
     from factory.jobs.caller import CallContext, ChunkCaller
-    from factory.jobs.cluster import connect, default_app_name, deploy, release
+    from factory.jobs.cluster import connect, default_app_name, deploy, release, wait_until_ready
 
+    if spec.archive is not None:  # image archives: the same road, chunks planned as the sources are listed
+        from factory.jobs.archive import run_archive_job
+
+        return run_archive_job(spec, run_id, address=address, show_progress=show_progress, retry_failed=retry_failed)
     run = open_run(spec, run_id)
     retry_failed = spec.retry_failed if retry_failed is None else retry_failed
     if run.storage.exists(run.layout.success):
@@ -249,13 +221,17 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
         run.log.info("run starting", chunks=len(run.plan.chunks), pending=len(pending), output=run.layout.root)
         if pending:
             deploy(spec, app_name, run.registry, owned=owned)
-            progress.phase("rows", sum(chunk.rows for chunk in pending), "settled", "ok", "blocked", "rejected", "failed")
+            wait_until_ready(app_name, spec.serve.ready_timeout_s)
+            chunks = run.context(tally)
+            progress.phase("rows", sum(chunks.expected_rows(chunk) for chunk in pending), "settled", "ok", "blocked",
+                           "rejected", "failed")
             ctx = CallContext(
-                job=spec.name, chunks=run.context(tally), dedup=index, app_name=app_name, in_flight=spec.in_flight,
+                job=spec.name, chunks=chunks, dedup=index, app_name=app_name, in_flight=spec.in_flight,
                 row_timeout_s=spec.row_timeout_s, retry=spec.retry, allow_http=spec.allow_http,
                 batch_size=spec.serve.max_batch_size,
                 flush_rows=spec.commit.rows, flush_seconds=spec.commit.seconds, adapter_window=spec.adapter_window,
                 retry_failed=retry_failed,
+                reuse=reuse_context(spec, run.registry, run.storage) if spec.reuse else None,
             )
             dataset = ray.data.from_items(
                 [{"chunk": chunk.model_dump_json()} for chunk in pending], override_num_blocks=len(pending)
@@ -286,7 +262,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
     summary = summarize_run(
         markers, job=spec.name, run_id=run.run_id, output=run.layout.root,
         plan_rejects=len(run.plan.problems), rows_read=counts.get("rows_read", 0),
-        rows_read_again=counts.get("rows_read_again", 0),
+        rows_read_again=counts.get("rows_read_again", 0), model_rows=counts.get("model_rows", 0),
         wall_seconds=time.monotonic() - run.started,
     )
     run.storage.write_bytes(run.layout.summary, summary.model_dump_json(indent=2).encode())
@@ -325,6 +301,9 @@ def validate_job(spec: JobSpec, run_id: str | None = None, address: str | None =
     from factory.jobs.cluster import connect
     from factory.model.profiles import get_profile
 
+    if spec.archive is not None:
+        raise FactoryError(f"job {spec.name}: factory validate checks manifest rows; an archive job has none "
+                           "(its bad images become rejected rows when it runs)")
     run = open_run(spec, run_id)
     connect(address)
     tally = start_tally(None)

@@ -18,10 +18,16 @@ from typing import Annotated, Any
 
 import structlog
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from factory.errors import ConfigError, Loc, one_line, validation_problems
-from factory.routing.requests import MAX_SIDE, MAX_STEPS, MIN_SIDE
+from factory.jobs.catalog import CatalogSpec
+from factory.model.performance import Performance
+from factory.model.profiles import get_profile
+from factory.routing.requests import MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE
 from factory.safety.policy import SafetyPolicy
 
 log = structlog.get_logger(__name__)
@@ -65,7 +71,25 @@ class ServeConfig(_Section):
     )
     replicas: int = Field(default=1, ge=1, description="Number of model replicas (one per GPU or CPU slot)")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved per replica (0 on CPU-only clusters)")
+    num_gpus: float | None = Field(
+        default=None, ge=0,
+        description="GPUs reserved per replica. Unset: 1 when the profile's generator or VLM runs on a GPU "
+        "(device 'cuda' or 'auto', as flux-dev and flux-schnell do), 0 for a CPU profile such as tiny; set 0 to "
+        "run a GPU profile on CPU (a CPU-only cluster). A run fails at once when the cluster has fewer GPUs than "
+        "one replica needs",
+    )
+    gpus_on_demand: bool = Field(
+        default=False,
+        description="The cluster adds GPU nodes when replicas ask for them (KubeRay or launcher autoscaling from "
+        "zero GPU workers): skip the up-front check that the cluster has a GPU, and wait for one up to "
+        "ready_timeout_s instead",
+    )
+    ready_timeout_s: float = Field(
+        default=1800.0, gt=0,
+        description="Replicas must be running within this many seconds of the deploy (model download, load and "
+        "compile warm-up included), or the run stops with one line saying why, instead of waiting forever on "
+        "replicas the cluster cannot place",
+    )
     max_ongoing_requests: int = Field(
         default=8, ge=1,
         description="Requests a replica accepts at once; keep low for diffusion, about 2x max_batch_size so "
@@ -86,7 +110,8 @@ class ServeConfig(_Section):
         default=None, ge=1,
         description="Load adapters by hot-swapping them into fixed slots padded to this rank, so a "
         "torch.compile'd transformer is not recompiled per adapter; adapters of a higher rank, or with "
-        "text-encoder layers, are refused. Pair it with max_adapters: 1. Unset: plain loading",
+        "text-encoder layers, are refused. Pair it with max_adapters: 1. Unset: plain loading, except on a "
+        "compiled profile, which hot-swaps into one slot at the largest rank of the job's adapters",
     )
 
 
@@ -131,14 +156,70 @@ class CommitConfig(_Section):
     seconds: float = Field(default=5.0, gt=0, description="Commit at least this often while rows are waiting")
 
 
+def _archive_source_from_spec_dir(value: str, info: ValidationInfo) -> str:
+    return _resolve_location(value, _spec_dir(info))
+
+
+class ArchiveSpec(_Section):
+    """Image archives to caption (`factory caption`): every image in them becomes a result row, with a caption,
+    an optional answer, a safety verdict and its metadata. Decoding and resizing happen in the job's workers."""
+
+    sources: list[Annotated[str, Field(min_length=1), AfterValidator(_archive_source_from_spec_dir)]] = Field(
+        min_length=1,
+        description="Local folders (recursive), s3:// prefixes, tar shards in the WebDataset layout (brace "
+        "patterns such as shard-{000..009}.tar, local or s3://; .tar, .tar.gz, .tgz) and zip files; relative "
+        "paths are relative to the spec file's folder",
+    )
+    prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS,
+        description="Caption instruction ('Describe: ...' or plain text); unset: the profile's caption prompt",
+    )
+    question: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="Also ask every image this question (answer column)"
+    )
+    sidecars: bool = Field(
+        default=False,
+        description="Write dataset/<name>.<ext> (a copy of each passed image) and dataset/<name>.txt (its "
+        "caption): the layout kohya sd-scripts and ai-toolkit train LoRAs from",
+    )
+    tenant: str = Field(
+        default="archive", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Tenant the rows are charged to (results/tenant=<tenant>/)",
+    )
+    chunk_objects: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="Objects per chunk of a folder, prefix or zip (a tar shard is one chunk): the unit of work, "
+        "commit and resume",
+    )
+    dedup: bool = Field(
+        default=True, description="Caption each distinct image (by sha256 of its bytes) once; every other copy "
+        "gets a row linked to it (duplicate_of) with the same caption and verdict",
+    )
+    dedup_wait_s: float = Field(
+        default=120.0, ge=0, description="How long a copy waits at the end of its chunk for the captioned row "
+        "of a copy in another chunk; past it, it is captioned itself",
+    )
+    max_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="Larger files and members are rejected")
+    max_pixels: int = Field(
+        default=40_000_000, ge=1, description="Images with more pixels are rejected (decompression bombs)"
+    )
+
+
 class JobSpec(_Section):
     """One batch job: manifests in, images / captions / answers and a rejects table out."""
 
     name: str = Field(description="Job name (a slug: lowercase letters, digits, '-', '_'); names the run")
-    inputs: list[Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)]] = Field(
-        min_length=1,
+    archive: ArchiveSpec | None = Field(
+        default=None, description="Image archives to caption instead of manifests (see ArchiveSpec)"
+    )
+    catalog: CatalogSpec | None = Field(
+        default=None, description="A product catalog expanded into generation rows per region, size and variant "
+        "(see factory.jobs.catalog); with or without manifest inputs",
+    )
+    inputs: list[Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)]] | None = Field(
+        default=None, validate_default=True,
         description="Manifest files, folders, local globs or s3:// prefixes; relative paths are relative to "
-        "the spec file's folder",
+        "the spec file's folder (a job has inputs or an archive section)",
     )
     output: str = Field(
         min_length=1, description="Output folder or s3:// prefix; a relative path is relative to the working directory"
@@ -195,6 +276,50 @@ class JobSpec(_Section):
         description="NSFW policy: detector, per-label thresholds, block or quarantine, prompt term lists; "
         "always on, defaults block exposed-anatomy labels at 0.5",
     )
+    reuse: bool = Field(
+        default=True,
+        description="Reuse an earlier run's image when a generation row's resolved inputs are unchanged (prompt, "
+        "seed, size, steps, guidance, checks, the profile with its speed options and version, the adapter's "
+        "sha256), instead of generating it again; the row records where it came from in `reused_from`",
+    )
+    performance: dict[str, Any] | None = Field(
+        default=None,
+        description="Generator speed options that replace the profile's, by name (see "
+        "factory.model.performance.Performance: compile, fuse_qkv, quantization, attention_backend, cache, "
+        "vae_channels_last, vae_tiling_min_pixels, warmup); the options not named keep the profile's values",
+    )
+
+    @field_validator("performance")
+    @classmethod
+    def _known_performance_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            Performance.model_validate(value)  # names and values checked here, not on a replica minutes later
+        return value
+
+    @field_validator("catalog")
+    @classmethod
+    def _products_from_spec_dir(cls, value: CatalogSpec | None, info: ValidationInfo) -> CatalogSpec | None:
+        if value is None:
+            return None
+        if info.data.get("archive") is not None:
+            raise ValueError("a job captions archives (archive) or expands a catalog (catalog), not both")
+        products = [_resolve_location(uri, _spec_dir(info)) for uri in value.products]
+        return value.model_copy(update={"products": products})
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_or_archive(cls, value: list[str] | None, info: ValidationInfo) -> list[str]:
+        # `archive` is validated first (it comes first), so whether the job has one is known here.
+        has_archive = info.data.get("archive") is not None
+        if value is None:
+            if not has_archive and info.data.get("catalog") is None:
+                raise PydanticCustomError("missing", "required")
+            return []
+        if has_archive and value:
+            raise ValueError("a job reads manifests (inputs) or archives (archive), not both")
+        if not value and not has_archive:
+            raise ValueError("List should have at least 1 item")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -233,6 +358,13 @@ def _resolve_location(uri: str, base: str) -> str:
         raise ValueError(f"must be a local path or an s3:// URI, got {uri!r}")
     path = os.path.expanduser(uri)
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+
+
+def resolved_num_gpus(spec: JobSpec) -> float:
+    """GPUs one replica reserves: serve.num_gpus when set, else one for a GPU profile and none for a CPU one."""
+    if spec.serve.num_gpus is not None:
+        return float(spec.serve.num_gpus)
+    return 1.0 if get_profile(spec.profile).wants_gpu else 0.0
 
 
 # ---- loading -----------------------------------------------------------------------------------------

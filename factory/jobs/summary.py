@@ -24,12 +24,14 @@ class TenantSummary(BaseModel):
     rows: int = 0
     by_status: dict[str, int] = Field(default_factory=dict)
     images: int = 0
+    reused: int = Field(default=0, description="Images taken from an earlier run instead of generated")
     compute_seconds: float = Field(default=0.0, description="Model time charged to the tenant (amortised per row)")
 
     def merge(self, other: TenantSummary) -> None:
         self.rows += other.rows
         self.by_status = _merged(self.by_status, other.by_status)
         self.images += other.images
+        self.reused += other.reused
         self.compute_seconds = round(self.compute_seconds + other.compute_seconds, 6)
 
 
@@ -42,18 +44,21 @@ class ChunkStats(BaseModel):
     by_status: dict[str, int] = Field(default_factory=dict)
     tenants: dict[str, TenantSummary] = Field(default_factory=dict)
 
-    def add_result(self, tenant: str, status: str, has_image: bool, latency_ms: float | None) -> None:
+    def add_result(self, tenant: str, status: str, has_image: bool, latency_ms: float | None,
+                   reused: bool = False) -> None:
         self.rows += 1
         _add(self.by_status, status)
         entry = self.tenants.setdefault(tenant, TenantSummary())
         entry.rows += 1
         _add(entry.by_status, status)
         entry.images += has_image
+        entry.reused += reused
         entry.compute_seconds += (latency_ms or 0.0) / 1000
 
     def add_results(self, rows: Iterable[dict]) -> None:
         for row in rows:
-            self.add_result(row["tenant"], row["status"], row["image_uri"] is not None, row["latency_ms"])
+            self.add_result(row["tenant"], row["status"], row["image_uri"] is not None, row["latency_ms"],
+                            row.get("reused_from") is not None)
 
     def merge(self, other: ChunkStats) -> None:
         self.rows += other.rows
@@ -72,6 +77,8 @@ class RunSummary(BaseModel):
     by_status: dict[str, int]
     tenants: dict[str, TenantSummary]
     images: int
+    reused: int = Field(default=0, description="Of the images, those reused from an earlier run")
+    model_rows: int = Field(default=0, description="Rows this attempt sent to the model replicas")
     chunks: int
     rows_read: int = Field(description="Manifest rows this attempt read (a resumed run reads only unfinished chunks)")
     rows_read_again: int = Field(default=0, description="Of those, rows of chunks an earlier attempt had started")
@@ -81,7 +88,7 @@ class RunSummary(BaseModel):
 
 
 def summarize_run(markers: Iterable[ChunkStats], *, job: str, run_id: str, output: str, plan_rejects: int,
-                  rows_read: int, rows_read_again: int, wall_seconds: float) -> RunSummary:
+                  rows_read: int, rows_read_again: int, wall_seconds: float, model_rows: int = 0) -> RunSummary:
     total = ChunkStats(chunk="*")
     count = 0
     for marker in markers:
@@ -95,6 +102,7 @@ def summarize_run(markers: Iterable[ChunkStats], *, job: str, run_id: str, outpu
     return RunSummary(
         job=job, run_id=run_id, output=output, rows=total.rows, rejects=total.rejects + plan_rejects,
         by_status=total.by_status, tenants=tenants, images=images, chunks=count, rows_read=rows_read,
+        reused=sum(tenant.reused for tenant in tenants.values()), model_rows=model_rows,
         rows_read_again=rows_read_again,
         wall_seconds=round(wall_seconds, 2), images_per_second=round(images / wall, 3),
         rows_per_second=round(total.rows / wall, 3),

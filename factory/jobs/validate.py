@@ -25,6 +25,7 @@ import structlog
 from factory.errors import InputError
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
+from factory.jobs.catalog import CatalogSpec, ExpansionError, Size, checks_of, expand_product
 from factory.jobs.commit import (
     READING, REJECT_SCHEMA, REQUEST_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_once, read_parquet_bytes,
 )
@@ -53,6 +54,15 @@ class ValidateContext:
     shards: int
     registry: Any = None  # a TenantRegistry, or None: every row runs the base model
     tally: Any = None  # the run's RunTally actor, or None
+    catalog: CatalogSpec | None = None  # product files among the chunks' sources expand through it
+    catalog_sources: frozenset[str] = frozenset()
+
+    def expected_rows(self, chunk: Chunk) -> int:
+        """The rows a chunk becomes: its lines, or for a catalog chunk the most rows its products expand into
+        (progress counts to this; the rows a product does not expand into are settled with it)."""
+        if self.catalog is not None and chunk.source in self.catalog_sources:
+            return chunk.rows * self.catalog.rows_per_product()
+        return chunk.rows
 
 
 def relative_to_manifest(request: TaskRequest, manifest: str) -> TaskRequest:
@@ -106,14 +116,15 @@ def validate_chunk(ctx: ValidateContext, chunk: Chunk) -> tuple[ChunkValidation,
     rejects: list[dict] = []
     rows_read = 0
     try:
+        expand = ctx.catalog is not None and chunk.source in ctx.catalog_sources
         for record in iter_range_records(chunk.source, ctx.storage, chunk.first_line, chunk.last_line,
                                          start=chunk.start, end=chunk.end, columns=chunk.columns):
             rows_read += 1
-            request, reject = _validate_one(ctx, record)
-            if reject is not None:
-                rejects.append(reject)
-            else:
-                requests.append({"line": record.line, **request.model_dump(mode="json")})
+            for request, reject in (_expand_one(ctx, record) if expand else [_validate_one(ctx, record)]):
+                if reject is not None:
+                    rejects.append(reject)
+                else:
+                    requests.append({"line": record.line, **request.model_dump(mode="json")})
     except InputError as error:
         # The bytes of this chunk cannot be decoded (a broken gzip member, a corrupt Parquet page): the rows
         # read so far stand, the rest of the chunk is one reject naming the file and where it broke.
@@ -144,6 +155,31 @@ def _validate_one(ctx: ValidateContext, record: ManifestRecord) -> tuple[TaskReq
         return None, reject_row(ctx.run_id, record.source, record.line, error.field, error.reason, raw, row.id,
                                 row.tenant)
     return relative_to_manifest(request, record.source), None
+
+
+def _expand_one(ctx: ValidateContext, record: ManifestRecord) -> list[tuple[TaskRequest | None, dict | None]]:
+    """A catalog product: its generation rows, each validated like a manifest row; or one reject naming why."""
+    assert ctx.catalog is not None
+    raw = record.raw
+    if record.error is not None or not isinstance(raw, dict):
+        return [(None, reject_row(ctx.run_id, record.source, record.line, "row", record.error or "no row"))]
+    product = {key: value for key, value in raw.items() if not (isinstance(key, str) and key.startswith("_"))}
+    size = Size(width=ctx.defaults.width, height=ctx.defaults.height)
+    try:
+        rows = expand_product(product, ctx.catalog, size)
+    except ExpansionError as error:
+        tenant = raw.get("tenant") if isinstance(raw.get("tenant"), str) else None
+        sku = raw.get("sku")
+        return [(None, reject_row(ctx.run_id, record.source, record.line, error.field, error.reason, raw,
+                                  str(sku) if sku is not None else None, tenant))]
+    checks = checks_of(ctx.catalog)
+    out: list[tuple[TaskRequest | None, dict | None]] = []
+    for row in rows:
+        request, reject = _validate_one(ctx, ManifestRecord(record.source, record.line, row))
+        if request is not None and checks:
+            request = request.model_copy(update={"checks": tuple(checks)})
+        out.append((request, reject))
+    return out
 
 
 def staged_requests(ctx: ValidateContext, chunk: str) -> pa.Table:

@@ -62,9 +62,14 @@ def resolve_sources(profile: Profile, home: Path | None = None) -> tuple[str, st
             generator_source = str(built / "flux")
         if vlm_source == TINY_SOURCE:
             vlm_source = str(built / "vlm")
-        return generator_source, vlm_source, f"tiny-v{BUILDER_VERSION}"
-    parts = [
+    return generator_source, vlm_source, model_version(profile)
+
+
+def model_version(profile: Profile) -> str:
+    """The version string recorded with every result, without loading or building anything."""
+    if TINY_SOURCE in (profile.generator.source, profile.vlm.source):
+        return f"tiny-v{BUILDER_VERSION}"
+    return "+".join([
         f"{profile.generator.source}@{profile.generator.revision or 'main'}",
         f"{profile.vlm.source}@{profile.vlm.revision or 'main'}",
-    ]
-    return generator_source, vlm_source, "+".join(parts)
+    ])

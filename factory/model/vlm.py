@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 from PIL import Image
 
+from factory.io.images import fit_pixels
 from factory.model.profiles import VLMProfile, resolve_device, resolve_dtype
 
 log = structlog.get_logger(__name__)
@@ -23,6 +24,25 @@ AUTO_MODEL_CLASS = "AutoModelForImageTextToText"
 def load_options(profile: VLMProfile) -> dict:
     """Keyword arguments for `AutoModelForImageTextToText.from_pretrained`, for every profile."""
     return {"revision": profile.revision, "dtype": resolve_dtype(profile.dtype), "use_safetensors": True}
+
+
+def bound_processor_pixels(processor, max_pixels: int | None) -> bool:
+    """Give the processor the profile's pixel bound where it takes one: Qwen2-VL-style image processors bound
+    an image's pixels by `size["longest_edge"]` (what their `max_pixels` argument sets). True if it took it;
+    other processors get images resized to the bound before they see them."""
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    if max_pixels is None or image_processor is None or getattr(image_processor, "merge_size", None) is None:
+        return False
+    if isinstance(size, dict) and "longest_edge" in size:
+        image_processor.size = {**size, "longest_edge": max_pixels}
+    elif hasattr(size, "longest_edge"):
+        size.longest_edge = max_pixels
+    else:
+        return False
+    if hasattr(image_processor, "max_pixels"):
+        image_processor.max_pixels = max_pixels
+    return True
 
 
 class VisionLanguageModel:
@@ -41,6 +61,7 @@ class VisionLanguageModel:
         processor = AutoProcessor.from_pretrained(str(source), revision=profile.revision)
         # Batched generation with a decoder-only model needs padding on the left.
         processor.tokenizer.padding_side = "left"
+        bound_processor_pixels(processor, profile.max_pixels)
         model = AutoModelForImageTextToText.from_pretrained(str(source), **load_options(profile)).to(device).eval()
         log.info("vlm loaded", source=str(source), seconds=round(time.perf_counter() - started, 2))
         return cls(model, processor, profile)
@@ -66,6 +87,9 @@ class VisionLanguageModel:
             self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
             for turn in conversations
         ]
+        if self.profile.max_pixels is not None:
+            # A no-op for images already within the budget (archive jobs resize in their workers).
+            images = [fit_pixels(image, self.profile.max_pixels) for image in images]
         inputs = self.processor(images=images, text=rendered, padding=True, return_tensors="pt")
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:

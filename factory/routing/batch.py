@@ -28,6 +28,10 @@ class ReplicaCall(BaseModel):
 
     request: TaskRequest
     image_bytes: bytes | None = Field(default=None, repr=False)
+    # Or the image already decoded and fitted to the model's budget by the caller (archive jobs decode in their
+    # Ray Data workers, so the replica only runs the model): 8-bit RGB pixels, row-major, and their size.
+    image_rgb: bytes | None = Field(default=None, repr=False)
+    image_size: tuple[int, int] | None = None
 
 
 def adapter_key(request: TaskRequest) -> str:
@@ -93,6 +97,11 @@ class BatchRunner:
     def _image(self, call: ReplicaCall) -> Image.Image | None:
         if call.request.image is None:
             return None
+        if call.image_rgb is not None and call.image_size is not None:
+            width, height = call.image_size
+            if width * height * 3 != len(call.image_rgb) or width * height > self.max_input_pixels:
+                raise InputError(f"{call.request.image}: decoded pixels do not match {width}x{height}")
+            return Image.frombytes("RGB", (width, height), call.image_rgb)
         if call.image_bytes is None:
             raise InputError(f"no bytes were read for {call.request.image}")
         return decode_image(call.image_bytes, call.request.image, self.max_input_pixels)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from factory.model.generator import GenerationParams
 from factory.model.stack import ModelStack
-from factory.routing.requests import Status, Task, TaskRequest, TaskResult
+from factory.routing.requests import ImageCheck, Status, Task, TaskRequest, TaskResult
 
 log = structlog.get_logger(__name__)
 
@@ -34,10 +34,11 @@ def base_result(request: TaskRequest, stack: ModelStack | None, **fields) -> Tas
     """A result carrying the request's fields; `stack` is None for a row no model saw (its input was unreadable,
     or every replica call failed), which then names no profile or model version."""
     return TaskResult(
-        id=request.id, tenant=request.tenant, task=request.task, prompt=request.prompt,
+        id=request.id, tenant=request.tenant, region=request.region, task=request.task, prompt=request.prompt,
         question=request.question, source_uri=request.image, adapter=request.adapter,
         profile=stack.profile.name if stack is not None else None,
         model_version=stack.model_version if stack is not None else None, seed=request.seed,
+        performance=stack.generator.performance_tag if stack is not None and request.task == Task.GENERATE else None,
         steps=request.steps, width=request.width, height=request.height, guidance=request.guidance,
         **fields,
     )
@@ -136,7 +137,25 @@ class TaskExecutor:
             image_verdicts = self.safety.check_images(images) if self.safety else [None] * len(images)
             for index, image, verdict in zip(allowed, images, image_verdicts, strict=True):
                 results[index] = self._generated_result(batch[index], image, verdict)
+            self._run_checks(batch, results, dict(zip(allowed, images, strict=True)))
         return results  # type: ignore[return-value]
+
+    def _run_checks(self, batch: list[TaskRequest], results: list, images: dict[int, Image.Image]) -> None:
+        """Ask each ok image its row's checks: one VLM call per distinct check across the batch. Blocked images
+        are never shown to another model."""
+        asked: dict[ImageCheck, list[int]] = {}
+        for index, request in enumerate(batch):
+            if request.checks and results[index] is not None and results[index].status is Status.OK:
+                for check in request.checks:
+                    asked.setdefault(check, []).append(index)
+        for check, indices in asked.items():
+            pictures = [images[i] for i in indices]
+            if check.question is None:
+                answers = self.stack.caption(pictures)
+            else:
+                answers = self.stack.answer(pictures, [check.question] * len(pictures))
+            for index, answer in zip(indices, answers, strict=True):
+                results[index].checks = {**(results[index].checks or {}), check.name: answer}
 
     def _generated_result(self, request: TaskRequest, image: Image.Image, verdict) -> TaskResult:
         fields = safety_fields(verdict)

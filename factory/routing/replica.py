@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
+
+import structlog
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -19,13 +22,17 @@ from factory.io.images import DEFAULT_MAX_PIXELS
 from factory.io.storage import Storage
 from factory.logs import configure_logging
 from factory.model.lora import LoraPool
+from factory.model.lora.header import read_shape
 from factory.model.lora.ref import BASE_ADAPTER, AdapterRef
+from factory.model.profiles import get_profile, with_performance
 from factory.model.stack import ModelStack
 from factory.routing.batch import BatchRunner, ReplicaCall
 from factory.routing.requests import TaskResult
 from factory.safety.policy import SafetyChecker, SafetyPolicy
 
 DEPLOYMENT_NAME = "StackReplica"
+
+log = structlog.get_logger(__name__)
 
 
 class ReplicaConfig(BaseModel):
@@ -45,19 +52,77 @@ class ReplicaConfig(BaseModel):
     max_adapters: int = Field(default=4, ge=1, description="Adapters kept loaded per replica (LRU)")
     max_adapter_bytes: int = Field(default=2 * 1024**3, ge=1, description="Adapter bytes kept loaded (LRU)")
     lora_hotswap_rank: int | None = Field(
-        default=None, ge=1, description="Hot-swap adapters into fixed slots of this rank (None: plain loading)"
+        default=None, ge=1, description="Hot-swap adapters into fixed slots of this rank (None: plain loading; "
+        "with a compiled profile, the largest rank of `adapters`)"
+    )
+    performance: dict[str, Any] | None = Field(
+        default=None, description="Generator speed options that replace the profile's (a job's `performance:`)"
     )
 
 
 def build_runner(config: ReplicaConfig, stack: ModelStack) -> BatchRunner:
-    """The runner a replica builds around its stack: the config's safety policy, adapters and pool bounds."""
+    """The runner a replica builds around its stack, ready to serve: the config's safety policy, adapters and
+    pool bounds; with a compiled profile, the transformer compiled after the pool is set up for hot-swap, and
+    every warm-up shape run, so no row pays for compiling."""
     safety = SafetyChecker(config.safety)
     safety.load()  # a policy naming labels its detector lacks fails the deploy, not the rows
+    storage = Storage()
+    plan = plan_hotswap(config, stack, storage)
     pool = LoraPool(
-        stack.generator.pipe, max_adapters=config.max_adapters, max_bytes=config.max_adapter_bytes,
-        storage=Storage(), hotswap_rank=config.lora_hotswap_rank,
+        stack.generator.pipe, max_adapters=plan.slots, max_bytes=config.max_adapter_bytes, storage=storage,
+        hotswap_rank=plan.rank,
     )
-    return BatchRunner(stack, safety, pool, config.adapters, config.max_input_pixels)
+    runner = BatchRunner(stack, safety, pool, config.adapters, config.max_input_pixels)
+    warm_up(runner, plan.first, config.max_batch_size)
+    return runner
+
+
+class HotswapPlan(BaseModel):
+    rank: int | None  # None: plain loading
+    slots: int
+    first: AdapterRef | None  # loaded before compiling, so the compiled graph already holds a LoRA slot
+
+
+def plan_hotswap(config: ReplicaConfig, stack: ModelStack, storage: Storage) -> HotswapPlan:
+    """How the pool loads adapters. A compiled transformer keeps its graphs only if adapters are hot-swapped
+    into one slot, padded to the largest rank of the job's adapters (read from their headers) and holding the
+    adapter that targets the most layers: peft lets a later adapter target the slot's layers or fewer."""
+    compiled = stack.generator.performance.compile != "off"
+    if not compiled or not config.adapters:
+        return HotswapPlan(rank=config.lora_hotswap_rank, slots=config.max_adapters, first=None)
+    shapes = {}
+    for key, ref in config.adapters.items():
+        try:
+            shapes[key] = read_shape(ref.uri, storage)
+        except FactoryError as error:  # its rows are refused with this reason when they ask for it
+            log.warning("adapter header unreadable; it cannot be hot-swapped", adapter=key, error=str(error))
+    if not shapes:
+        return HotswapPlan(rank=config.lora_hotswap_rank or 1, slots=1, first=None)
+    largest = max(shape.max_rank for shape in shapes.values())
+    rank = config.lora_hotswap_rank or largest
+    if rank < largest:
+        too_big = sorted(key for key, shape in shapes.items() if shape.max_rank > rank)
+        log.warning("adapters above serve.lora_hotswap_rank will be refused", rank=rank, adapters=too_big[:10])
+    fitting = [key for key, shape in shapes.items() if shape.max_rank <= rank]
+    first = max(fitting, key=lambda key: shapes[key].pairs) if fitting else None
+    return HotswapPlan(rank=rank, slots=1, first=config.adapters[first] if first else None)
+
+
+def warm_up(runner: BatchRunner, first: AdapterRef | None, max_batch_size: int) -> None:
+    """Compile (when the profile says so) and run every warm-up shape, with an adapter active and without, so
+    both variants of the graph exist before the first row."""
+    generator = runner.stack.generator
+    if first is not None:
+        try:
+            runner.pool.ensure_loaded(first)
+        except FactoryError as error:
+            log.warning("warm-up adapter refused; the first adapter row will compile", error=str(error))
+            first = None
+    generator.compile()
+    batch_sizes = sorted({1, min(2, max_batch_size), max_batch_size})
+    for ref in ([first] if first is not None else []) + [None]:
+        with runner.pool.use(ref):
+            generator.warm_up(batch_sizes)
 
 
 class StackReplica:
@@ -68,7 +133,8 @@ class StackReplica:
         self.fingerprint = fingerprint
         configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "warning"))
         torch.set_num_threads(self.config.threads)
-        self.runner = build_runner(self.config, ModelStack.from_profile(self.config.profile))
+        profile = with_performance(get_profile(self.config.profile), self.config.performance)
+        self.runner = build_runner(self.config, ModelStack.from_profile(profile))
         self.run_batch.set_max_batch_size(self.config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
@@ -112,6 +178,10 @@ class StackReplica:
     def adapter_stats(self) -> dict:
         return self.runner.pool.stats()
 
+    def compile_stats(self) -> dict:
+        """Compile mode, graphs, recompiles since warm-up (0 when hot-swap works), warm-up seconds."""
+        return self.runner.stack.generator.compile_stats()
+
     def check_health(self) -> None:
         if self.runner.stack is None:
             raise RuntimeError("stack not loaded")
@@ -119,9 +189,10 @@ class StackReplica:
 
 def build_replica_app(
     config: ReplicaConfig, *, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-    max_ongoing_requests: int = 4, fingerprint: str = "",
+    max_ongoing_requests: int = 4, fingerprint: str = "", max_queued_requests: int = -1,
 ):
-    """A bound Serve application of StackReplica with the job's sizing."""
+    """A bound Serve application of StackReplica with the job's sizing. `max_queued_requests` (-1: unbounded)
+    makes callers' handles shed load past that many queued requests (the online API answers 503)."""
     deployment = serve.deployment(
         StackReplica,
         name=DEPLOYMENT_NAME,
@@ -129,6 +200,7 @@ def build_replica_app(
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         # Diffusion calls are long; a low bound keeps queues at the caller, where backpressure belongs.
         max_ongoing_requests=max_ongoing_requests,
+        max_queued_requests=max_queued_requests,
         health_check_period_s=10,
         # One access-log line per row drowns the job's own logs; failures are logged by the job.
         logging_config={"enable_access_log": False, "log_level": "WARNING"},

@@ -103,6 +103,16 @@ class RowInput(BaseModel):
         return value
 
 
+class ImageCheck(BaseModel):
+    """A question about a generated image (or, without one, a caption of it), asked in the same replica call; its
+    answer goes into the result's `checks` under `name`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    question: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="None: a caption")
+
+
 class TaskRequest(BaseModel):
     """A resolved unit of work for one replica call. Built only by `parser.parse_request`."""
 
@@ -121,6 +131,7 @@ class TaskRequest(BaseModel):
     width: int | None = None
     height: int | None = None
     guidance: float | None = None
+    checks: tuple[ImageCheck, ...] = ()  # generate rows: asked of the image once it passed the safety check
 
 
 class TaskResult(BaseModel):
@@ -128,6 +139,7 @@ class TaskResult(BaseModel):
 
     id: str
     tenant: str
+    region: str | None = None
     task: Task
     status: Status
     prompt: str | None = None
@@ -141,6 +153,13 @@ class TaskResult(BaseModel):
     adapter_sha256: str | None = None
     profile: str | None = None
     model_version: str | None = None
+    performance: str | None = Field(
+        default=None, description="Generation rows: the speed options the image was made with (Performance.tag)"
+    )
+    checks: dict[str, str] | None = Field(default=None, description="Answers to the request's image checks")
+    reused_from: str | None = Field(
+        default=None, description="An earlier run's image this row reuses (same resolved inputs), not generated"
+    )
     seed: int | None = None
     steps: int | None = None
     width: int | None = None

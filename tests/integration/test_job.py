@@ -24,6 +24,13 @@ CATALOG = REPO / "jobs" / "catalog.yaml"
 EXPECTED_REJECTS = {  # manifest row id (or None) -> field the reject names
     "bad-width": "width", "bad-task": "task", None: "row", "bad-no-image": "image", "umbrella-bad-1": "seed",
     "acme-eu-001": "id", "bad-tenant": "tenant", "bad-adapter": "adapter",
+    "lamp-400": "regions", "mug-500": "name",  # catalog products that cannot expand
+}
+CATALOG_ROWS = {  # products.jsonl x the spec's regions: id -> (region, adapter)
+    "shoe-100-eu-256x256-v1": ("eu", "acme/eu-minimal"), "shoe-100-na-256x256-v1": ("na", "acme/na-contrast"),
+    "espresso-200-eu-256x256-v1": ("eu", "acme/eu-minimal"), "espresso-200-na-256x256-v1": ("na", "acme/na-contrast"),
+    "espresso-200-apac-256x384-v1": ("apac", "acme/brand"), "tent-300-eu-256x256-v1": ("eu", "globex/brand"),
+    "tent-300-apac-256x384-v1": ("apac", "globex/apac-bold"),
 }
 
 
@@ -37,16 +44,24 @@ def rejects_of(storage: Storage, root: str) -> list[dict]:
     return [] if table is None else table.to_pylist()
 
 
-def check_catalog_output(storage: Storage, root: str) -> None:
+def check_catalog_output(storage: Storage, root: str, performance: str = "plain") -> None:
     layout = OutputLayout(root)
     results = results_of(storage, root)
+    # Every generated row says how it was made; caption and VQA rows do not use the generator.
+    assert {row["performance"] for row in results if row["task"] == "generate"} == {performance}
+    assert {row["performance"] for row in results if row["task"] != "generate"} == {None}
     ids = [row["id"] for row in results]
-    assert len(ids) == len(set(ids)) == 26
+    assert len(ids) == len(set(ids)) == 33
     statuses = {}
     for row in results:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-    assert statuses == {"ok": 25, "rejected": 1}
+    assert statuses == {"ok": 32, "rejected": 1}
     by_id = {row["id"]: row for row in results}
+    for row_id, (region, adapter) in CATALOG_ROWS.items():
+        row = by_id[row_id]
+        assert (row["region"], row["adapter"], row["status"]) == (region, adapter, "ok"), row_id
+        assert dict(row["checks"])["product_visible"], row_id  # the expansion's VQA check, answered
+    assert by_id["tent-300-apac-256x384-v1"]["prompt"] == "advertisement for camping tent, new arrival, bright playful style"
     # Each row ran with exactly its adapter: region adapter, explicit name, tenant default, or none.
     assert by_id["acme-eu-002"]["adapter"] == "acme/eu-minimal" and by_id["acme-na-004"]["adapter"] == "acme/na-contrast"
     assert by_id["acme-eu-brand"]["adapter"] == "acme/brand" and by_id["globex-eu-007"]["adapter"] == "globex/brand"
@@ -61,7 +76,7 @@ def check_catalog_output(storage: Storage, root: str) -> None:
 
     # An image for every ok generation row, at the key its row names, and for no other row.
     expected_images = {row["image_uri"] for row in results if row["task"] == "generate" and row["status"] == "ok"}
-    assert len(expected_images) == 19 and None not in expected_images
+    assert len(expected_images) == 26 and None not in expected_images
     assert all(row["image_uri"] is None for row in results if row["task"] != "generate")
     assert set(storage.list_files(storage.join(root, "images"))) == expected_images
     seeded = next(row for row in results if row["id"] == "initech-gen-seeded")
@@ -85,8 +100,8 @@ def check_catalog_output(storage: Storage, root: str) -> None:
 
     assert storage.exists(layout.success)
     summary = json.loads(storage.read_bytes(layout.summary))
-    assert (summary["rows"], summary["rejects"], summary["images"]) == (26, 8, 19)
-    assert summary["by_status"] == {"ok": 25, "rejected": 1}
+    assert (summary["rows"], summary["rejects"], summary["images"]) == (33, 10, 26)
+    assert summary["by_status"] == {"ok": 32, "rejected": 1}
     assert set(summary["tenants"]) == {"acme", "globex", "initech", "umbrella"}
     assert summary["tenants"]["acme"]["compute_seconds"] > 0
 
@@ -112,8 +127,10 @@ def test_catalog_on_s3_over_http(ray_cluster, s3_endpoint, tmp_path):
     storage = Storage()
     data = REPO / "jobs" / "data"
     for path in data.rglob("*"):
-        if path.is_file():
+        if path.is_file() and path.name != "products.jsonl":
             storage.write_bytes(f"{bucket}/in/{path.relative_to(data).as_posix()}", path.read_bytes())
+    # The product catalog lives apart from the manifests (the in/ prefix is read as manifests, whole).
+    storage.write_bytes(f"{bucket}/catalog/products.jsonl", (data / "products.jsonl").read_bytes())
     # The registry stays a local file; the adapters it names are on S3.
     for path in (REPO / "jobs" / "adapters").glob("*.safetensors"):
         storage.write_bytes(f"{bucket}/adapters/{path.name}", path.read_bytes())
@@ -121,9 +138,12 @@ def test_catalog_on_s3_over_http(ray_cluster, s3_endpoint, tmp_path):
     (tmp_path / "tenants.yaml").write_text(registry)
     spec_path = tmp_path / "catalog.yaml"
     spec_path.write_text(CATALOG.read_text())
-    spec = load_spec(spec_path, [f"inputs=['{bucket}/in/']", f"output={bucket}/out"])
+    # A job's speed option replaces the profile's and reaches every replica and every result row.
+    spec = load_spec(spec_path, [f"inputs=['{bucket}/in/']", f"output={bucket}/out",
+                                 f"catalog.products=['{bucket}/catalog/products.jsonl']",
+                                 "performance.vae_channels_last=true"])
     run_job(spec, address=ray_cluster["address"], show_progress=False)
-    check_catalog_output(storage, f"{bucket}/out/catalog")
+    check_catalog_output(storage, f"{bucket}/out/catalog", performance="vae=channels_last")
 
 
 def write_generation_manifest(path: Path, rows: int, tenants=("acme", "globex", "initech")) -> list[str]:
@@ -188,3 +208,16 @@ def test_factory_submit_runs_the_job_through_the_jobs_api(ray_cluster, tmp_path)
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     check_catalog_output(Storage(), str(output / "submitted"))
+
+
+def test_a_submitted_job_refuses_an_output_inside_rays_copy_of_its_working_dir(ray_cluster):
+    # As a new user would: the spec's relative `output: out` would resolve inside Ray's working-dir copy.
+    completed = subprocess.run(
+        [sys.executable, "-m", "factory", "submit", "jobs/catalog.yaml", "--address", ray_cluster["dashboard"],
+         "--run-id", "ephemeral"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode != 0 and "job ended FAILED" in output
+    assert "inside Ray's temporary copy of the job's working directory" in output
+    assert "pass an s3:// URI or an absolute path" in output and "Traceback" not in output

@@ -60,3 +60,12 @@ def test_models_list_names_every_profile():
     assert done.returncode == 0
     for name in ("tiny", "flux-dev", "flux-schnell"):
         assert name in done.stdout
+
+
+def test_caption_refuses_a_missing_source_or_a_bad_setting_in_one_line(tmp_path):
+    missing = factory("caption", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "archive source" in missing.stderr and "no such file or folder" in missing.stderr
+    bad = factory("caption", str(tmp_path), "--output", str(tmp_path / "out"), "--set", "archive.chunk_objcts=3")
+    assert bad.returncode == 2 and "archive.chunk_objcts: unknown field" in bad.stderr
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,9 @@ weights in place (`load_lora_weights(..., hotswap=True)`) so the compiled graph 
 swapped-in adapter to target the slot's layers or a subset, with rank <= R, transformer only; the pool checks
 that before touching the slot. Use `max_adapters=1` with a compiled transformer: switching between slots
 changes which weights the graph reads. In this mode an adapter's scale is baked into its slot (a new scale
-reloads it), and memory is fixed by the slots, so `max_bytes` only bounds a single adapter.
+reloads it), and memory is fixed by the slots, so `max_bytes` only bounds a single adapter. A replica on a
+compiled profile sets this mode up itself (`factory.routing.replica.plan_hotswap`): rank from the adapters'
+headers, one slot, its widest adapter loaded before the transformer is compiled.
 """
 
 from __future__ import annotations
@@ -263,7 +265,13 @@ class LoraPool:
             if entry.name in fits:
                 self._evict(key)
                 return entry.name, True
-        raise AdapterError(f"{ref.uri}: targets layers no hot-swap slot has (a slot's first adapter fixes its layers)")
+        missing = sorted(
+            f"{component}.{module}" for component, modules in needed.items() for module in modules
+            if all(module not in self._slot_layers[slot].get(component, frozenset()) for slot in self._slot_layers)
+        )
+        example = f", e.g. {missing[0]}" if missing else ""
+        raise AdapterError(f"{ref.uri}: targets layers no hot-swap slot has{example} (a slot's first adapter fixes "
+                           "its layers; adapters must target those layers or fewer)")
 
     def _evict(self, key: str) -> None:
         entry = self._entries.pop(key)

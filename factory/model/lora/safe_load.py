@@ -49,6 +49,8 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_HEADER_BYTES = 8 * 1024 * 1024
 # The components FluxPipeline.load_lora_weights loads into; keys for anything else would be dropped silently.
 LORA_COMPONENTS = ("transformer", "text_encoder")
+# Projections diffusers' fuse_qkv_projections replaces in the forward pass (it keeps the modules themselves).
+_FUSABLE = frozenset({"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"})
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' name for the LoraConfig it stores in the header
 
 _PAIR_KEY = re.compile(r"^(?P<component>[A-Za-z0-9_]+)\.(?P<module>.+)\.lora_(?P<kind>[AB])\.weight$")
@@ -313,6 +315,11 @@ def _linear(pipe: Any, component: str, module: str, uri: str):
         layer = model.get_submodule(_module_path(model, module))
     except AttributeError:
         raise AdapterError(f"{uri}: targets {component}.{module}, which this model does not have") from None
+    parent_path, _, leaf = _module_path(model, module).rpartition(".")
+    if leaf in _FUSABLE and getattr(model.get_submodule(parent_path), "fused_projections", False):
+        # The fused attention reads to_qkv / to_added_qkv; a LoRA on the separate projection would do nothing.
+        raise AdapterError(f"{uri}: targets {component}.{module}, which this profile runs fused "
+                           "(performance.fuse_qkv); turn fuse_qkv off to use adapters on q/k/v projections")
     # A layer that already carries other adapters is a peft wrapper around the original Linear.
     base = getattr(layer, "base_layer", layer)
     if not isinstance(base, torch.nn.Linear):

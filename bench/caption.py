@@ -1,0 +1,266 @@
+"""`factory caption` against a bare in-process transformers loop over the same images, peak memory at two archive
+sizes, and the seconds from start to the first committed caption on a 100,000-object folder.
+
+    python bench/caption.py                    # everything, full sizes
+    python bench/caption.py --quick            # smaller sizes (minutes on a 2-core CPU)
+    python bench/caption.py throughput --images 400 --repeats 3
+    python bench/caption.py memory --images 1000 10000
+    python bench/caption.py first --images 100000
+
+Throughput, alternating, medians:
+- bare: this process, no Ray: for each batch of the replica's batch size, read the files, decode them, and run the
+  same batch runner a replica builds (tiny VLM + NudeNet safety, the VLM's max_pixels applied by its wrapper):
+  the loop one writes with transformers and Pillow, decoding in line with inference.
+- factory: `factory caption` on the folder (archive job: Ray Data workers list, read, decode and resize in threads
+  that run ahead of the model; one warm Serve replica runs the same runner; parts committed by the workers).
+The images are real photographs from scikit-image, enlarged to phone-camera size (2048x1536 JPEG) and varied, so
+decoding is real work, as it is for a photo library.
+Memory: each size in a fresh process, the peak of RSS summed over the driver and every Ray process it started.
+First caption: a local folder of 100,000 small distinct BMPs; the replica is warm (deployed by an untimed run),
+the clock starts when `run_job` is called (Ray already up) and stops when the first results part is committed;
+the run is then stopped through its error budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BATCH = 4
+
+
+def write_photos(folder: Path, count: int, size: tuple[int, int] = (2048, 1536)) -> None:
+    from PIL import Image, ImageOps
+    from skimage import data
+
+    bases = [Image.fromarray(getattr(data, name)()).convert("RGB").resize(size)
+             for name in ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry")]
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image = bases[index % len(bases)]
+        variant = ImageOps.mirror(image) if (index // len(bases)) % 2 else image
+        # A distinct image each (no exact duplicates): a small mark in a corner.
+        variant = variant.copy()
+        variant.putpixel((index % size[0], 0), (index % 256, (index // 256) % 256, 7))
+        variant.save(folder / f"photo-{index:06d}.jpg", quality=88)
+
+
+def write_tiny_bmps(folder: Path, count: int) -> None:
+    """`count` distinct 8x8 24-bit BMPs, fast: one header, three pixel bytes changed per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    width = height = 8
+    row = width * 3
+    pixels = bytearray(row * height)
+    header = b"BM" + struct.pack("<IHHI", 54 + len(pixels), 0, 0, 54) + struct.pack(
+        "<IiiHHIIiiII", 40, width, height, 1, 24, 0, len(pixels), 2835, 2835, 0, 0)
+    for index in range(count):
+        pixels[0:3] = bytes((index & 255, (index >> 8) & 255, (index >> 16) & 255))
+        (folder / f"{index:06d}.bmp").write_bytes(header + pixels)
+
+
+def make_spec(folder: Path, output: Path, *, cpus: float, keep_warm: bool = True, chunk_objects: int = 1000,
+              commit_seconds: float = 10.0):
+    from factory.jobs.archive import caption_spec
+
+    return caption_spec([str(folder)], str(output), overrides=[
+        f"serve.num_cpus={cpus}", f"serve.max_batch_size={BATCH}", f"serve.max_ongoing_requests={2 * BATCH}",
+        f"serve.keep_warm={'true' if keep_warm else 'false'}", f"in_flight={4 * BATCH}",
+        f"archive.chunk_objects={chunk_objects}", "commit.rows=512", f"commit.seconds={commit_seconds}",
+        "chunks_per_caller=2",
+    ])
+
+
+def runner_for(spec, threads: int):
+    import torch
+
+    from factory.model.stack import ModelStack
+    from factory.routing.replica import ReplicaConfig, build_runner
+
+    torch.set_num_threads(threads)
+    config = ReplicaConfig(profile=spec.profile, max_batch_size=BATCH, threads=threads, safety=spec.safety)
+    return build_runner(config, ModelStack.from_profile(spec.profile))
+
+
+def bare_loop(folder: Path, runner) -> float:
+    from factory.routing.batch import ReplicaCall
+    from factory.routing.requests import Task, TaskRequest
+
+    paths = sorted(folder.iterdir())
+    started = time.perf_counter()
+    rows = []
+    for start in range(0, len(paths), BATCH):
+        calls = [ReplicaCall(request=TaskRequest(id=p.name, tenant="bare", task=Task.CAPTION, image=str(p)),
+                             image_bytes=p.read_bytes()) for p in paths[start:start + BATCH]]
+        rows.extend(result.caption for result in runner.run(calls))
+    assert all(rows)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def factory_run(spec, run_id: str) -> float:
+    from factory.jobs.pipeline import run_job
+
+    started = time.perf_counter()
+    summary = run_job(spec, run_id=run_id, show_progress=False)
+    assert summary.by_status.get("ok", 0) == summary.rows, summary.by_status
+    return summary.rows / (time.perf_counter() - started)
+
+
+def throughput(images: int, repeats: int) -> dict:
+    import ray
+
+    from factory.jobs.cluster import connect, default_app_name
+
+    cpus = os.cpu_count() or 1
+    ray.init(num_cpus=2 * cpus + 2, include_dashboard=False, logging_level="WARNING")
+    connect()
+    work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
+    folder = work / "photos"
+    write_photos(folder, images)
+    spec = make_spec(folder, work / "out", cpus=float(cpus))
+    runner = runner_for(spec, cpus)
+    bare_loop(folder, runner)  # warm
+    factory_run(spec, "warmup")  # deploys the replica and keeps it; not timed
+    figures: dict[str, list[float]] = {"bare": [], "factory": []}
+    for repeat in range(repeats):
+        figures["bare"].append(bare_loop(folder, runner))
+        figures["factory"].append(factory_run(spec, f"timed{repeat}"))
+        print(f"  repeat {repeat}: bare {figures['bare'][-1]:.2f}, factory {figures['factory'][-1]:.2f} images/s",
+              flush=True)
+    from ray import serve
+
+    serve.delete(default_app_name(spec.name))
+    ray.shutdown()
+    result = {"images": images, "threads": cpus,
+              **{f"{key}_images_per_s": round(statistics.median(v), 2) for key, v in figures.items()}}
+    result["factory_vs_bare"] = round(result["factory_images_per_s"] / result["bare_images_per_s"], 3)
+    return result
+
+
+def memory_child(images: int) -> None:
+    import ray
+
+    from bench.common import PeakTreeRss
+    from factory.jobs.cluster import connect
+    from factory.jobs.pipeline import run_job
+
+    connect()
+    work = Path(tempfile.mkdtemp(prefix="bench-caption-memory-"))
+    write_tiny_bmps(work / "imgs", images)
+    spec = make_spec(work / "imgs", work / "out", cpus=float(os.cpu_count() or 1), keep_warm=False,
+                     chunk_objects=500)
+    started = time.perf_counter()
+    with PeakTreeRss() as peak:
+        summary = run_job(spec, run_id="memory", show_progress=False)
+    print(json.dumps({"images": summary.rows, "ok": summary.by_status.get("ok", 0),
+                      "seconds": round(time.perf_counter() - started, 1), "peak_tree_rss_mb": round(peak.peak / 2**20)}))
+    ray.shutdown()
+
+
+def memory(sizes: list[int]) -> list[dict]:
+    results = []
+    for images in sizes:
+        done = subprocess.run([sys.executable, __file__, "memory-child", "--images", str(images)],
+                              capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {results[-1]}", flush=True)
+    return results
+
+
+def first_caption(objects: int) -> dict:
+    import ray
+
+    import factory.jobs.pipeline as pipeline
+    from factory.jobs.cluster import connect, default_app_name
+    from factory.jobs.pipeline import run_job
+
+    work = Path(tempfile.mkdtemp(prefix="bench-caption-first-"))
+    started = time.perf_counter()
+    write_tiny_bmps(work / "many", objects)
+    made = time.perf_counter() - started
+    write_tiny_bmps(work / "warm", 8)
+    cpus = float(os.cpu_count() or 1)
+    connect()
+    run_job(make_spec(work / "warm", work / "warm-out", cpus=cpus), run_id="warm", show_progress=False)
+    tallies = []
+    original = pipeline.start_tally
+    pipeline.start_tally = lambda spec: tallies.append(original(spec)) or tallies[-1]
+    # Rows are committed every commit.seconds: 1 s here, so the figure is the pipeline's, not the commit cadence's.
+    spec = make_spec(work / "many", work / "out", cpus=cpus, commit_seconds=1.0)
+    results = work / "out" / "first" / "results"
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            run_job(spec, run_id="first", show_progress=False)
+        except Exception as error:  # stopped through the error budget, as intended
+            outcome["stopped"] = type(error).__name__
+
+    clock = time.perf_counter()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    first = None
+    while thread.is_alive() and first is None:
+        if results.exists() and any(path.suffix == ".parquet" for path in results.rglob("*")):
+            first = time.perf_counter() - clock
+        time.sleep(0.05)
+    planned = len(list((work / "out" / "first" / "_chunks" / "plan").glob("s*-c*.json")))
+    ray.get(tallies[-1].add.remote({"failed": 10**9}))  # over the error budget: the workers stop at their next commit
+    thread.join(timeout=300)
+    pipeline.start_tally = original
+    from ray import serve
+
+    serve.delete(default_app_name(spec.name))
+    ray.shutdown()
+    return {"objects": objects, "seconds_to_write_files": round(made, 1), "first_caption_s": round(first or -1, 2),
+            "chunks_planned_by_then": planned, "stopped": outcome.get("stopped")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", nargs="?", default="all", choices=["all", "throughput", "memory", "first", "memory-child"])
+    parser.add_argument("--images", type=int, nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: 120 photos x 2, memory at 500 / 2,000")
+    args = parser.parse_args()
+    os.environ.setdefault("FACTORY_LOG_LEVEL", "warning")
+    from factory.logs import configure_logging
+
+    configure_logging("warning")
+    if args.part == "memory-child":
+        memory_child(args.images[0])
+        return
+    if args.part in ("all", "throughput"):
+        images = (args.images or [120 if args.quick else 400])[0]
+        print(f"throughput: bare in-process loop vs factory caption, {images} photos 2048x1536", flush=True)
+        result = throughput(images, 2 if args.quick else args.repeats)
+        print(json.dumps(result))
+        print(f"RATIO factory/bare = {result['factory_vs_bare']:.2f} (aim >= 1.3)")
+    if args.part in ("all", "memory"):
+        sizes = args.images if args.part == "memory" and args.images else ([500, 2000] if args.quick else [1000, 10000])
+        print(f"memory: peak RSS of the whole run (driver + Ray processes) at {sizes[0]} and {sizes[1]} images",
+              flush=True)
+        small, large = memory(sizes)
+        print(f"RATIO peak memory {large['images']}/{small['images']} images = "
+              f"{large['peak_tree_rss_mb'] / small['peak_tree_rss_mb']:.2f} (aim <= 1.1)")
+    if args.part in ("all", "first"):
+        objects = (args.images or [100_000])[0] if args.part == "first" else 100_000
+        print(f"first caption: {objects} objects in a local folder, warm replica", flush=True)
+        result = first_caption(objects)
+        print(json.dumps(result))
+        print(f"FIRST CAPTION after {result['first_caption_s']:.2f} s (aim <= 10 s after Ray is up)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""The online door: a FastAPI ingress deployment in the same Serve application as `StackReplica`, answering HTTP
+(`/v1/tasks`, `/v1/generate`, `/v1/caption`, `/v1/answer`, `/healthz`, `/readyz`, `/openapi.json`, `/docs`) and,
+through Serve's gRPC proxy, the `factory.v1.Factory` service (proto/factory_api.proto) with the same methods.
+
+A request goes: API key -> tenant (401) -> the tenant's in-flight bound (429) -> replicas ready (503) -> body
+shape (422) -> the task parser and the tenants registry, as for a manifest row (400, 403, 404) -> input image
+read and its header checked (413) -> `StackReplica` through a handle, multiplexed on the adapter -> the replica's
+`TaskResult` (safety already applied there: a blocked result has no image) -> JSON or protobuf. Every error is
+one JSON body `{status, code, message, field}`, never a traceback; over gRPC it is the details of a gRPC status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import uuid
+import structlog
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from factory.errors import InputError, StorageUnavailable, validation_problems
+from factory.io.layout import OutputLayout
+from factory.io.storage import Storage
+from factory.routing.api_models import (
+    BODY_TASK, AnswerBody, ApiSettings, CaptionBody, ErrorBody, GenerateBody, HealthBody, TaskBody, TaskResponse,
+    _Body, body_fields, response_of,
+)
+from factory.routing.auth import Keyring, presented_key
+from factory.routing.batch import ReplicaCall, adapter_key
+from factory.routing.parser import GenerationDefaults, RequestError, parse_request, with_adapter
+from factory.routing.requests import Status, Task, TaskRequest, TaskResult
+from factory.routing.tenants import TenantRegistry
+
+log = structlog.get_logger(__name__)
+
+INGRESS_NAME = "ApiIngress"
+
+
+class ApiError(Exception):
+    """An answer other than 200: its status, a code, one line, the field to blame, extra headers."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers or {}
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(status=self.status, code=self.code, message=self.message, field=self.field)
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body().model_dump(mode="json"), status_code=error.status, headers=error.headers)
+
+
+def problems_error(error: ValidationError | RequestValidationError, status: int = 422) -> ApiError:
+    """Pydantic's problems as one line naming the first field (the body's own fields, without FastAPI's "body")."""
+    details = error.errors()
+    if any(detail.get("type") == "json_invalid" for detail in details):
+        return ApiError(400, "invalid_json", "body: not valid JSON", "body")
+    problems = []
+    for detail in details:
+        loc = tuple(detail.get("loc") or ())
+        if loc[:1] == ("body",):
+            loc = loc[1:]
+        problems.append({**detail, "loc": loc})
+
+    class _Shim:  # validation_problems reads .errors(); RequestValidationError's are plain dicts already
+        def errors(self, include_url: bool = False) -> list[dict]:
+            return problems
+
+    found = validation_problems(_Shim())  # type: ignore[arg-type]
+    first = found[0] if found else None
+    message = "; ".join(str(p) for p in found[:3]) or "invalid request"
+    if len(found) > 3:
+        message += f" (and {len(found) - 3} more)"
+    field = (first.field or "body") if first is not None else "body"
+    if first is not None and first.reason == "required" and not first.field:
+        field = "body"
+    return ApiError(status, "invalid_request", message, field)
+
+
+api = FastAPI(
+    title="factory",
+    version="1",
+    description="The factory's online API: generate images, caption images and answer questions about them, with "
+    "the same replicas, tenants, adapters and safety policy as batch jobs. Authenticate with "
+    "`Authorization: Bearer <key>` (or `X-API-Key`). Errors are `{status, code, message, field}`.",
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+    return error_response(error)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+    return error_response(problems_error(error))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    message = error.detail if isinstance(error.detail, str) else "request refused"
+    return error_response(ApiError(error.status_code, code, message, headers=dict(error.headers or {})))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+    log.error("unexpected error in the API", error=repr(error))
+    return error_response(ApiError(500, "internal", f"internal error ({type(error).__name__})"))
+
+
+def authenticated_tenant(
+    authorization: str | None = Header(default=None, description="Bearer <API key>"),
+    x_api_key: str | None = Header(default=None, description="Or the API key alone"),
+) -> str:
+    try:
+        ingress = serve.get_replica_context().servable_object
+    except Exception:  # noqa: BLE001 - outside a replica (never in service)
+        ingress = None
+    if not isinstance(ingress, ApiIngress):
+        raise ApiError(503, "not_ready", "the API is starting", headers={"Retry-After": "1"})
+    return ingress.tenant_for(presented_key(authorization, x_api_key))
+
+
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 422, 429, 500, 503, 504)}
+
+
+# Helpers come before the class: Serve rebuilds the ingress class by value in its replicas.
+
+
+def _awaitable(response):
+    async def wait():
+        return await response
+
+    return wait()
+
+
+def _b64decode(text: str, max_bytes: int) -> bytes:
+    compact = "".join(text.split())
+    if len(compact) * 3 // 4 > max_bytes + 2:
+        raise ApiError(413, "too_large", f"image_base64: about {len(compact) * 3 // 4} bytes, this server takes at "
+                       f"most {max_bytes}", "image_base64")
+    compact = compact.replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_request", "image_base64: not valid base64", "image_base64") from None
+
+
+def check_image_header(data: bytes, field: str, max_pixels: int) -> None:
+    """A readable image of an accepted format within the pixel cap, judged from its header (no pixels decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from factory.io.images import IMAGE_FORMATS
+
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise ApiError(413, "too_large", f"{field}: image too large", field) from None
+    except UnidentifiedImageError:
+        raise ApiError(400, "invalid_image", f"{field}: not an image (or not one of {', '.join(IMAGE_FORMATS)})",
+                       field) from None
+    except Exception:  # noqa: BLE001 - Pillow reports broken headers as many kinds of errors
+        raise ApiError(400, "invalid_image", f"{field}: corrupt image header", field) from None
+    if width * height > max_pixels:
+        raise ApiError(413, "too_large", f"{field}: {width}x{height} pixels, this server takes at most {max_pixels}",
+                       field)
+
+
+def _set_grpc_error(grpc_context, error: ApiError) -> None:
+    from factory.routing.grpc_service import grpc_code
+
+    grpc_context.set_code(grpc_code(error.status))
+    grpc_context.set_details(json.dumps(error.body().model_dump(mode="json")))
+    trailing = [("http-status", str(error.status))]
+    if "Retry-After" in error.headers:
+        trailing.append(("retry-after", error.headers["Retry-After"]))
+    grpc_context.set_trailing_metadata(trailing)
+
+
+@serve.ingress(api)  # here, at import: every process that imports this module gets the same converted routes
+class ApiIngress:
+    """The ingress deployment (made a `serve.deployment` with the config's sizing in factory.routing.app)."""
+
+    def __init__(self, replica, config: dict) -> None:
+        from factory.logs import configure_logging
+        import os
+
+        configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "warning"))
+        self.replica = replica  # DeploymentHandle of StackReplica
+        self.settings = ApiSettings.model_validate(config["api"])
+        self.defaults = GenerationDefaults.model_validate(config["defaults"])
+        tenants = config.get("tenants")
+        self.registry = (TenantRegistry.from_dict(tenants, config.get("tenants_dir") or ".", "tenants")
+                         if tenants is not None else None)
+        self.keyring = Keyring(self.settings.keys)
+        self.storage = Storage()
+        self.in_flight: dict[str, int] = {}
+        self.ready = False
+
+    # ---- HTTP ---------------------------------------------------------------------------------------------
+
+    @api.get("/healthz", response_model=HealthBody, tags=["health"])
+    async def healthz(self) -> HealthBody:
+        """The ingress is up (says nothing about the model replicas: see /readyz)."""
+        return HealthBody(status="ok")
+
+    @api.get("/readyz", response_model=HealthBody, tags=["health"], responses={503: {"model": HealthBody}})
+    async def readyz(self):
+        """Ready once a model replica has loaded its models and answers."""
+        ready, message = await self.probe()
+        if not ready:
+            return JSONResponse(HealthBody(status="not_ready", message=message).model_dump(), status_code=503,
+                                headers={"Retry-After": str(self.settings.retry_after_s)})
+        return HealthBody(status="ready")
+
+    @api.post("/v1/tasks", response_model=TaskResponse, response_model_exclude_none=True, tags=["tasks"],
+              responses=_ERRORS)
+    async def tasks(self, body: TaskBody, tenant: str = Depends(authenticated_tenant)) -> TaskResponse:
+        """Any task, decided by the task parser (explicit `task`; else "Question:" / "Describe:" prompts; else
+        generation)."""
+        return await self.run(tenant, body)
+
+    @api.post("/v1/generate", response_model=TaskResponse, response_model_exclude_none=True, tags=["tasks"],
+              responses=_ERRORS)
+    async def generate(self, body: GenerateBody, tenant: str = Depends(authenticated_tenant)) -> TaskResponse:
+        """An image from a prompt, with the tenant's adapter (named, by region, or its default)."""
+        return await self.run(tenant, body)
+
+    @api.post("/v1/caption", response_model=TaskResponse, response_model_exclude_none=True, tags=["tasks"],
+              responses=_ERRORS)
+    async def caption(self, body: CaptionBody, tenant: str = Depends(authenticated_tenant)) -> TaskResponse:
+        """A caption of an image."""
+        return await self.run(tenant, body)
+
+    @api.post("/v1/answer", response_model=TaskResponse, response_model_exclude_none=True, tags=["tasks"],
+              responses=_ERRORS)
+    async def answer(self, body: AnswerBody, tenant: str = Depends(authenticated_tenant)) -> TaskResponse:
+        """An answer to a question about an image."""
+        return await self.run(tenant, body)
+
+    # ---- gRPC (Serve's gRPC proxy calls the method named like the RPC) -----------------------------------
+
+    async def Task(self, message, grpc_context=None):  # noqa: N802 - the RPC's name
+        return await self._grpc(TaskBody, message, grpc_context)
+
+    async def Generate(self, message, grpc_context=None):  # noqa: N802
+        return await self._grpc(GenerateBody, message, grpc_context)
+
+    async def Caption(self, message, grpc_context=None):  # noqa: N802
+        return await self._grpc(CaptionBody, message, grpc_context)
+
+    async def Answer(self, message, grpc_context=None):  # noqa: N802
+        return await self._grpc(AnswerBody, message, grpc_context)
+
+    async def Ready(self, message, grpc_context=None):  # noqa: N802
+        from factory.routing.proto import factory_api_pb2 as pb
+
+        ready, text = await self.probe()
+        if not ready and grpc_context is not None:
+            _set_grpc_error(grpc_context, ApiError(503, "not_ready", text, headers={
+                "Retry-After": str(self.settings.retry_after_s)}))
+        return pb.ReadyResponse(ready=ready, message=text)
+
+    async def _grpc(self, body_type: type[_Body], message, grpc_context):
+        from factory.routing.grpc_service import body_from_message, response_message
+
+        from factory.routing.proto import factory_api_pb2 as pb
+
+        try:
+            metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+            tenant = self.tenant_for(presented_key(metadata.get("authorization"), metadata.get("x-api-key")))
+            fields, raw_image = body_from_message(message)
+            if raw_image is not None and body_type in (GenerateBody,):
+                raise ApiError(422, "invalid_request", "image: unknown field", "image")
+            if raw_image is not None and fields.get("image_uri") is not None:
+                raise ApiError(422, "invalid_request", "image and image_uri: give one, not both", "image")
+            try:
+                body = body_type.model_validate(fields)
+            except ValidationError as error:
+                raise problems_error(error) from None
+            response = await self.run(tenant, body, raw_image=raw_image)
+            return response_message(response)
+        except ApiError as error:
+            if grpc_context is not None:
+                _set_grpc_error(grpc_context, error)
+            return pb.TaskResponse()
+        except Exception as error:  # noqa: BLE001 - one status, never a traceback
+            log.error("unexpected error in the gRPC API", error=repr(error))
+            if grpc_context is not None:
+                _set_grpc_error(grpc_context, ApiError(500, "internal", f"internal error ({type(error).__name__})"))
+            return pb.TaskResponse()
+
+    # ---- the door -----------------------------------------------------------------------------------------
+
+    def tenant_for(self, key: str | None) -> str:
+        if key is None:
+            raise ApiError(401, "unauthenticated", "an API key is required (Authorization: Bearer <key>)",
+                           headers={"WWW-Authenticate": "Bearer"})
+        tenant = self.keyring.tenant_of(key)
+        if tenant is None:
+            raise ApiError(401, "unauthenticated", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+        return tenant
+
+    async def probe(self) -> tuple[bool, str]:
+        """Whether a model replica answers within the probe timeout; remembered once true."""
+        try:
+            response = self.replica.deployed_fingerprint.remote()
+            try:
+                await asyncio.wait_for(_awaitable(response), self.settings.ready_probe_timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                return False, "no model replica has loaded its models yet"
+        except Exception as error:  # noqa: BLE001 - a replica mid-restart, Serve shedding: not ready
+            log.warning("readiness probe failed", error=repr(error)[:500])
+            return False, f"model replicas unavailable ({type(error).__name__}: {error})"
+        self.ready = True
+        return True, "ready"
+
+    async def run(self, tenant: str, body: _Body, raw_image: bytes | None = None) -> TaskResponse:
+        limit = self.settings.in_flight_limit(tenant)
+        if self.in_flight.get(tenant, 0) >= limit:
+            raise ApiError(429, "too_many_requests", f"tenant {tenant!r} already has {limit} requests in flight",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+        self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
+        try:
+            if body.output == "uri" and self.settings.output_prefix is None:
+                raise ApiError(400, "invalid_request", "output: this server has no output prefix; use output: base64",
+                               "output")
+            if not self.ready:
+                ready, message = await self.probe()
+                if not ready:
+                    raise ApiError(503, "not_ready", message, headers={"Retry-After": str(self.settings.retry_after_s)})
+            request = self.request_of(tenant, body, raw_image)
+            image = await self.input_image(request, body, raw_image)
+            result = await self.call(request, image)
+            return await self.respond(result, body.output)
+        finally:
+            self.in_flight[tenant] -= 1
+            if not self.in_flight[tenant]:
+                del self.in_flight[tenant]
+
+    def request_of(self, tenant: str, body: _Body, raw_image: bytes | None) -> TaskRequest:
+        """The body as a manifest row, through the same parser and registry."""
+        row = body_fields(body)
+        row["tenant"], row["id"] = tenant, body.id or uuid.uuid4().hex
+        task = BODY_TASK[type(body)]
+        if task is not None:
+            row["task"] = task
+        adapter = row.pop("adapter", None)
+        if adapter is not None and "/" in adapter:
+            owner, _, adapter = adapter.partition("/")
+            if owner != tenant:
+                raise ApiError(403, "forbidden", f"adapter: {owner}/{adapter} belongs to another tenant", "adapter")
+        if adapter is not None:
+            row["adapter"] = adapter
+        image_base64 = getattr(body, "image_base64", None)
+        image_uri = getattr(body, "image_uri", None)
+        if raw_image is not None or image_base64 is not None:
+            row["image"] = "upload"
+        elif image_uri is not None:
+            row["image"] = image_uri
+        try:
+            request = parse_request(row, self.defaults)
+            if request.task is Task.GENERATE:
+                self.check_limits(request)
+            request = with_adapter(request, self.registry)
+        except RequestError as error:
+            if error.field == "adapter":
+                raise ApiError(404, "adapter_not_found", str(error), "adapter") from None
+            if error.field == "tenant":
+                raise ApiError(403, "forbidden", str(error), "tenant") from None
+            field = "image" if error.field == "image" else error.field
+            raise ApiError(400, "invalid_request", str(error), field) from None
+        return request
+
+    def check_limits(self, request: TaskRequest) -> None:
+        limits = self.settings.limits
+        for field in ("width", "height"):
+            value = getattr(request, field)
+            if value is not None and value > limits.max_side:
+                raise RequestError(field, f"at most {limits.max_side} on this server, got {value}")
+        if request.steps is not None and request.steps > limits.max_steps:
+            raise RequestError("steps", f"at most {limits.max_steps} on this server, got {request.steps}")
+
+    async def input_image(self, request: TaskRequest, body: _Body, raw_image: bytes | None) -> bytes | None:
+        if request.image is None:
+            return None
+        limits = self.settings.limits
+        if raw_image is not None:
+            data, field = raw_image, "image"
+        elif getattr(body, "image_base64", None) is not None:
+            data, field = _b64decode(body.image_base64, limits.max_image_bytes), "image_base64"  # type: ignore[union-attr]
+        else:
+            data, field = await self.read_uri(request.image), "image_uri"
+        if len(data) > limits.max_image_bytes:
+            raise ApiError(413, "too_large", f"{field}: {len(data)} bytes, this server takes at most "
+                           f"{limits.max_image_bytes}", field)
+        check_image_header(data, field, limits.max_image_pixels)
+        return data
+
+    async def read_uri(self, uri: str) -> bytes:
+        if not uri.startswith("s3://"):
+            raise ApiError(400, "invalid_request", "image_uri: must be an s3:// URI", "image_uri")
+        key_part = uri[len("s3://"):]
+        if ".." in key_part.split("/") or not any(uri.startswith(p) for p in self.settings.input_prefixes):
+            raise ApiError(403, "forbidden", "image_uri: not under a prefix this server may read", "image_uri")
+        max_bytes = self.settings.limits.max_image_bytes
+        try:
+            size, _ = await asyncio.to_thread(self.storage.stat, uri)
+            if size > max_bytes:
+                raise ApiError(413, "too_large", f"image_uri: {size} bytes, this server takes at most {max_bytes}",
+                               "image_uri")
+            return await asyncio.to_thread(self.storage.read_bytes, uri, max_bytes)
+        except StorageUnavailable as error:
+            raise ApiError(503, "storage_unavailable", str(error), "image_uri",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        except InputError as error:
+            raise ApiError(400, "invalid_request", f"image_uri: {error}", "image_uri") from None
+
+    async def call(self, request: TaskRequest, image: bytes | None) -> TaskResult:
+        """One call to the replicas, multiplexed on the adapter; a fault is a clear 5xx, never a hang."""
+        from ray import exceptions as ray_errors
+        from ray.serve import exceptions as serve_errors
+
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        response = self.replica.options(multiplexed_model_id=adapter_key(request)).remote(
+            ReplicaCall(request=request, image_bytes=image)
+        )
+        try:
+            return await asyncio.wait_for(_awaitable(response), self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ApiError(504, "timeout", f"no result within {self.settings.request_timeout_s:g} s") from None
+        except serve_errors.BackPressureError:
+            raise ApiError(503, "overloaded", "the model replicas are at capacity; retry shortly",
+                           headers=retry) from None
+        except (ray_errors.ActorDiedError, ray_errors.ActorUnavailableError, ray_errors.RayActorError,
+                serve_errors.ReplicaUnavailableError, serve_errors.DeploymentUnavailableError,
+                serve_errors.RequestCancelledError) as error:
+            raise ApiError(503, "replica_unavailable",
+                           f"the model replica serving this request stopped ({type(error).__name__}); retry",
+                           headers=retry) from None
+        except ray_errors.RayTaskError as error:
+            cause = type(getattr(error, "cause", None) or error).__name__
+            log.error("replica call failed", error=repr(error)[:2000])
+            raise ApiError(500, "replica_error", f"the model call failed ({cause})") from None
+
+    async def respond(self, result: TaskResult, output: str) -> TaskResponse:
+        if result.status is Status.REJECTED:
+            message = result.error or "rejected"
+            field = message.split(":", 1)[0] if ":" in message else None
+            if field == "image":
+                status = 413 if "too large" in message else 400
+                raise ApiError(status, "too_large" if status == 413 else "invalid_image", message, "image")
+            # An adapter the registry names but the replica cannot use: the server's configuration, not the caller.
+            raise ApiError(500, "adapter_unusable", message, "adapter")
+        if result.status is Status.FAILED:
+            raise ApiError(500, "model_failed", f"the model call failed: {(result.error or '')[:300]}")
+        image_b64 = image_uri = None
+        if result.status is Status.OK and result.image_png is not None:
+            if output == "uri":
+                image_uri = await self.store(result)
+            else:
+                image_b64 = base64.b64encode(result.image_png).decode("ascii")
+        return response_of(result, image_base64=image_b64, image_uri=image_uri)
+
+    async def store(self, result: TaskResult) -> str:
+        if self.settings.output_prefix is None:
+            raise ApiError(400, "invalid_request", "output: this server has no output prefix; use output: base64",
+                           "output")
+        uri = OutputLayout(self.settings.output_prefix).image(result.tenant, result.id)
+        try:
+            await asyncio.to_thread(self.storage.write_bytes, uri, result.image_png)
+        except (InputError, StorageUnavailable) as error:
+            raise ApiError(503, "storage_unavailable", f"output: {error}",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        return uri

@@ -1,0 +1,256 @@
+"""The online API's typed shapes: request and response bodies (HTTP JSON and gRPC share them), the error body,
+and the `api:` section of a serving config.
+
+Bodies check shape only (types, ranges, unknown fields: 422 naming the field); what a request means is decided
+by the same task parser and tenants registry as a manifest row (`parser.parse_request`, `parser.with_adapter`),
+so a request and a row with the same fields become the same `TaskRequest`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from factory.routing.auth import ApiKey
+from factory.routing.requests import MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE, TaskResult
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# An adapter is a name of the caller's tenant; `tenant/name` is accepted too, and another tenant's is refused.
+_ADAPTER = r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_BASE64 = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
+
+Output = Literal["base64", "uri"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="Your id for the request; echoed back, names the stored image, and seeds a generation that "
+        "has no seed (default: a random id)",
+    )
+    output: Output = Field(
+        default="base64",
+        description="Where a generated image goes: `base64` in the response, or `uri`: written under the "
+        "server's output prefix, its URI in `image_uri`",
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and re.search(r"[\x00-\x1f\x7f]", value):
+            raise ValueError("must not contain control characters")
+        return value
+
+
+class _ImageInput(_Body):
+    image_base64: str | None = Field(
+        default=None, min_length=1, description="Input image bytes, base64 (PNG, JPEG, WebP, GIF, BMP or TIFF)"
+    )
+    image_uri: str | None = Field(
+        default=None, min_length=1, max_length=2048,
+        description="Or an s3:// URI under one of the server's input prefixes",
+    )
+
+    @field_validator("image_base64")
+    @classmethod
+    def _base64_alphabet(cls, value: str | None) -> str | None:
+        # Only the alphabet here; the decoded size is the server's limit (413), checked before decoding.
+        if value is not None and not _BASE64.fullmatch(value.replace("\n", "").replace("\r", "")):
+            raise ValueError("must be base64 (standard or URL-safe alphabet)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_image(self) -> _ImageInput:
+        if self.image_base64 is not None and self.image_uri is not None:
+            raise ValueError("image_base64 and image_uri: give one, not both")
+        return self
+
+
+class _Generation(BaseModel):
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Same seed, same image")
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Denoising steps (server default)")
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16, description="Multiple of 16")
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16, description="Multiple of 16")
+    guidance: float | None = Field(default=None, ge=0.0, le=30.0)
+    region: str | None = Field(default=None, max_length=64, pattern=_NAME, description="Picks the tenant's region adapter")
+    adapter: str | None = Field(
+        default=None, max_length=257, pattern=_ADAPTER,
+        description="An adapter name of your tenant (`base`: none); another tenant's adapter is 403",
+    )
+
+
+class GenerateBody(_Body, _Generation):
+    """POST /v1/generate: text to image."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw")
+
+
+class CaptionBody(_ImageInput):
+    """POST /v1/caption: a caption of an image."""
+
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="Caption instruction")
+
+
+class AnswerBody(_ImageInput):
+    """POST /v1/answer: an answer to a question about an image."""
+
+    question: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class TaskBody(_ImageInput, _Generation):
+    """POST /v1/tasks: any task, decided by the task parser: an explicit `task` wins; else a prompt starting
+    with "Question:" is answered and one starting with "Describe:" is a caption (both need an image); anything
+    else is generated."""
+
+    task: str | None = Field(default=None, max_length=32, description="generate | caption | vqa (also t2i, describe, ask, ...)")
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    question: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+
+
+# The task each explicit endpoint fixes; /v1/tasks leaves it to the parser.
+BODY_TASK: dict[type[_Body], str | None] = {GenerateBody: "generate", CaptionBody: "caption", AnswerBody: "vqa",
+                                            TaskBody: None}
+
+
+class SafetyInfo(BaseModel):
+    verdict: str | None = Field(default=None, description="pass | blocked | quarantined")
+    decided_by: str | None = Field(default=None, description="prompt_filter | image_detector")
+    labels: list[str] | None = None
+    scores: list[float] | None = None
+    reason: str | None = None
+
+
+class TaskResponse(BaseModel):
+    """A finished request: `ok` with its caption, answer or image, or `blocked` by the safety policy (no image)."""
+
+    id: str
+    tenant: str
+    task: Literal["generate", "caption", "vqa"]
+    status: Literal["ok", "blocked"]
+    prompt: str | None = None
+    question: str | None = None
+    caption: str | None = None
+    answer: str | None = None
+    image_base64: str | None = Field(default=None, description="The PNG, base64 (output `base64`)")
+    image_uri: str | None = Field(default=None, description="Where the PNG was written (output `uri`)")
+    adapter: str | None = Field(default=None, description="tenant/name of the adapter used, if any")
+    adapter_sha256: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    guidance: float | None = None
+    profile: str | None = None
+    model_version: str | None = None
+    latency_ms: float | None = Field(default=None, description="Model time of the request (its share of the batch)")
+    safety: SafetyInfo | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error: the HTTP status, a code, one line saying what was wrong, and the field to blame if any."""
+
+    status: int
+    code: str
+    message: str
+    field: str | None = None
+
+
+class HealthBody(BaseModel):
+    status: Literal["ok", "ready", "not_ready"]
+    message: str | None = None
+
+
+def response_of(result: TaskResult, *, image_base64: str | None, image_uri: str | None) -> TaskResponse:
+    safety = None
+    if result.safety_verdict is not None:
+        safety = SafetyInfo(verdict=result.safety_verdict, decided_by=result.safety_decided_by,
+                            labels=result.safety_labels, scores=result.safety_scores, reason=result.safety_reason)
+    return TaskResponse(
+        id=result.id, tenant=result.tenant, task=result.task.value, status=result.status.value,
+        prompt=result.prompt, question=result.question, caption=result.caption, answer=result.answer,
+        image_base64=image_base64, image_uri=image_uri, adapter=result.adapter, adapter_sha256=result.adapter_sha256,
+        seed=result.seed, steps=result.steps, width=result.width, height=result.height, guidance=result.guidance,
+        profile=result.profile, model_version=result.model_version, latency_ms=result.latency_ms, safety=safety,
+    )
+
+
+# ---- the server's `api:` section -------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class HttpOptions(_Section):
+    host: str = Field(default="127.0.0.1", description="Serve's HTTP proxy address (loopback by default)")
+    port: int = Field(default=8000, ge=1, le=65535)
+
+
+class GrpcOptions(_Section):
+    enabled: bool = Field(default=True, description="Start Serve's gRPC proxy with the factory.v1.Factory service")
+    port: int = Field(default=9000, ge=1, le=65535)
+
+
+class Limits(_Section):
+    """Bounds on one request's work, below the manifest limits (an online request must finish in seconds)."""
+
+    max_side: int = Field(default=MAX_SIDE, ge=MIN_SIDE, le=MAX_SIDE, description="Largest width or height")
+    max_steps: int = Field(default=MAX_STEPS, ge=1, le=MAX_STEPS)
+    max_image_bytes: int = Field(default=16 * 1024**2, ge=1024, description="Input image bytes (413 past it)")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="Input image pixels (413 past it)")
+
+
+class GenerationOverrides(_Section):
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
+    guidance: float | None = Field(default=None, ge=0.0, le=30.0)
+
+
+class ApiSettings(_Section):
+    """The `api:` section of a serving config (see factory/routing/app.py)."""
+
+    keys: list[ApiKey] = Field(default_factory=list, description="API keys (hashes) and their tenants")
+    max_in_flight: int = Field(
+        default=8, ge=1, description="Requests a tenant may have in flight at once, per ingress replica (429 past it)"
+    )
+    tenant_max_in_flight: dict[str, int] = Field(default_factory=dict, description="Per-tenant override of max_in_flight")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 429 and 503")
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, description="A request still waiting on a replica after this long is 504"
+    )
+    ready_probe_timeout_s: float = Field(default=2.0, gt=0, description="How long /readyz waits for a replica")
+    input_prefixes: list[str] = Field(
+        default_factory=list, description="s3:// prefixes an image_uri may name (none: base64 inputs only)"
+    )
+    output_prefix: str | None = Field(
+        default=None, description="Local folder or s3:// prefix that `output: uri` images go under "
+        "(<prefix>/images/<tenant>/<id>.png); unset: only base64 output"
+    )
+    defaults: GenerationOverrides = Field(default_factory=GenerationOverrides, description="Replace the profile's")
+    limits: Limits = Field(default_factory=Limits)
+    http: HttpOptions = Field(default_factory=HttpOptions)
+    grpc: GrpcOptions = Field(default_factory=GrpcOptions)
+    route_prefix: str = Field(default="/", pattern=r"^/", description="Where the app's HTTP routes start")
+    ingress_replicas: int = Field(default=1, ge=1, description="Replicas of the (CPU-light) FastAPI ingress")
+    ingress_max_ongoing_requests: int = Field(default=256, ge=1)
+
+    @field_validator("input_prefixes")
+    @classmethod
+    def _s3_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", prefix):
+                raise ValueError(f"{prefix!r} must be an s3://bucket/prefix")
+        return [p if p.endswith("/") else p + "/" for p in value]
+
+    def in_flight_limit(self, tenant: str) -> int:
+        return self.tenant_max_in_flight.get(tenant, self.max_in_flight)
+
+
+def body_fields(body: BaseModel) -> dict[str, Any]:
+    """The fields a caller set, as a manifest row would carry them."""
+    return body.model_dump(exclude_none=True, exclude={"output", "image_base64", "image_uri"})

@@ -1,0 +1,1 @@
+"""Protocol buffers of the online API (generated code checked in; see factory_api.proto)."""

@@ -1,0 +1,479 @@
+"""The online API over real HTTP and real gRPC on localhost, in front of real tiny replicas on the shared Ray.
+
+One app for the module (`ApiIngress` + one `StackReplica`), deployed once; a second app whose replica can never
+be placed shows 503 while not ready. Images are compared with the same batch runner in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from factory.routing.auth import new_key
+from tests.s3server import new_bucket
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+TENANTS = REPO / "jobs" / "tenants.yaml"
+APP = "api-test"
+NOT_READY_APP = "api-notready"
+KEYS = {tenant: new_key(tenant) for tenant in ("acme", "globex", "initech", "umbrella")}
+MAX_IMAGE_BYTES = 300_000
+GEN = {"steps": 2, "width": 64, "height": 64}  # quick generations
+SLOW = {"steps": 4, "width": 256, "height": 256}  # ~0.4 s alone, ~1.7 s in a batch of 4, on this machine
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serving_config(bucket: str, http_port: int, grpc_port: int, **serve) -> dict:
+    return {
+        "app_name": APP, "profile": "tiny", "tenants": str(TENANTS),
+        "serve": {"replicas": 1, "num_cpus": 1, "max_batch_size": 4, "batch_wait_timeout_s": 0.01,
+                  "max_ongoing_requests": 4, "max_queued_requests": 8, **serve},
+        # Per-tenant prompt lists come with the tenant: acme's word is blocked for acme only.
+        "safety": {"prompt_terms": ["forbiddenword"], "tenant_terms": {"acme": ["competitorname"]}},
+        "api": {
+            "keys": [made.entry.model_dump() for made in KEYS.values()],
+            "max_in_flight": 6, "tenant_max_in_flight": {"initech": 1, "umbrella": 64},
+            "input_prefixes": [f"{bucket}/inputs/"], "output_prefix": f"{bucket}/out",
+            "limits": {"max_side": 256, "max_steps": 4, "max_image_bytes": MAX_IMAGE_BYTES},
+            "defaults": GEN, "request_timeout_s": 60,
+            "http": {"port": http_port}, "grpc": {"port": grpc_port},
+        },
+    }
+
+
+def png(size=(48, 40), color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def wait_for(check, timeout: float, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(poll)
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, s3_endpoint):
+    from ray import serve
+
+    from factory.io.storage import Storage
+    from factory.jobs.cluster import wait_until_ready
+    from factory.routing.app import build_serving_app, load_serving, start_serve
+
+    bucket = new_bucket(s3_endpoint, "api")
+    Storage().write_bytes(f"{bucket}/inputs/coffee.png", png((64, 48), (90, 60, 20)))
+    Storage().write_bytes(f"{bucket}/private/secret.png", png())
+    # Serve's proxies keep the ports they started with: an earlier module's Serve (HTTP only, port 8000) is
+    # replaced by one with this module's HTTP and gRPC ports.
+    try:
+        if serve.status().applications:
+            serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve not started yet
+        pass
+    http_port, grpc_port = _free_port(), _free_port()
+    serving = load_serving(serving_config(bucket, http_port, grpc_port))
+    start_serve(serving)
+    serve.run(build_serving_app(serving), name=APP, route_prefix="/", blocking=False)
+    wait_until_ready(APP, 180)
+    base = f"http://127.0.0.1:{http_port}"
+    wait_for(lambda: requests.get(f"{base}/readyz", timeout=10).status_code == 200, 60)
+    yield {"base": base, "grpc": f"127.0.0.1:{grpc_port}", "bucket": bucket, "serving": serving}
+    for name in (APP, NOT_READY_APP):
+        try:
+            serve.delete(name)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def post(served, path: str, body: dict, tenant: str | None = "acme", key: str | None = None, timeout=60):
+    headers = {}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    elif tenant is not None:
+        headers["Authorization"] = f"Bearer {KEYS[tenant].key}"
+    return requests.post(f"{served['base']}{path}", json=body, headers=headers, timeout=timeout)
+
+
+def decoded(body: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(body["image_base64"])))
+
+
+def assert_error(response, status: int, field: str | None = None):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["status"] == status and body["message"] and "Traceback" not in response.text
+    if field is not None:
+        assert body["field"] == field, body
+    return body
+
+
+# ---- each task, both doors ------------------------------------------------------------------------------------
+
+
+def test_health_ready_and_openapi(served):
+    assert requests.get(f"{served['base']}/healthz", timeout=10).json() == {"status": "ok", "message": None}
+    assert requests.get(f"{served['base']}/readyz", timeout=10).json()["status"] == "ready"
+    schema = requests.get(f"{served['base']}/openapi.json", timeout=10).json()
+    assert {"/v1/tasks", "/v1/generate", "/v1/caption", "/v1/answer", "/healthz", "/readyz"} <= set(schema["paths"])
+    assert "GenerateBody" in schema["components"]["schemas"]
+    assert requests.get(f"{served['base']}/docs", timeout=10).status_code == 200
+
+
+def test_generate_with_the_tenants_adapter_and_seed(served):
+    body = post(served, "/v1/generate", {"prompt": "a red bicycle", "seed": 7, "id": "g1"}).json()
+    assert body["status"] == "ok" and body["task"] == "generate" and body["tenant"] == "acme"
+    assert body["adapter"] == "acme/brand" and len(body["adapter_sha256"]) == 64  # the tenant's default
+    assert (body["seed"], body["width"], body["height"], body["steps"]) == (7, 64, 64, 2)
+    assert decoded(body).size == (64, 64)
+    again = post(served, "/v1/generate", {"prompt": "a red bicycle", "seed": 7, "id": "g2"}).json()
+    assert again["image_base64"] == body["image_base64"]  # same seed, same bytes
+    eu = post(served, "/v1/generate", {"prompt": "a red bicycle", "seed": 7, "region": "eu"}).json()
+    assert eu["adapter"] == "acme/eu-minimal" and eu["image_base64"] != body["image_base64"]
+    base = post(served, "/v1/generate", {"prompt": "a red bicycle", "seed": 7, "adapter": "base"}).json()
+    assert "adapter" not in base
+    qualified = post(served, "/v1/generate", {"prompt": "x", "seed": 1, "adapter": "acme/na-contrast"}).json()
+    assert qualified["adapter"] == "acme/na-contrast"
+
+
+def test_caption_and_answer_from_base64_and_s3(served):
+    caption = post(served, "/v1/caption", {"image_base64": b64(png()), "prompt": "one line"}).json()
+    assert caption["status"] == "ok" and caption["task"] == "caption" and caption["caption"]
+    assert "image_base64" not in caption
+    answer = post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/coffee.png",
+                                         "question": "How many cups?"}).json()
+    assert answer["task"] == "vqa" and answer["answer"] and answer["question"] == "How many cups?"
+
+
+def test_the_task_parser_decides_at_the_door(served):
+    image = b64(png())
+    question = post(served, "/v1/tasks", {"prompt": "Question: what colour?", "image_base64": image}).json()
+    assert question["task"] == "vqa" and question["question"] == "what colour?" and question["answer"]
+    describe = post(served, "/v1/tasks", {"prompt": "Describe: briefly", "image_base64": image}).json()
+    assert describe["task"] == "caption" and describe["caption"]
+    generate = post(served, "/v1/tasks", {"prompt": "summer sale poster", "seed": 3}).json()
+    assert generate["task"] == "generate" and decoded(generate).size == (64, 64)
+    explicit = post(served, "/v1/tasks", {"task": "describe", "image_base64": image}).json()
+    assert explicit["task"] == "caption"
+
+
+def test_output_to_a_key_under_the_output_prefix(served):
+    from factory.io.storage import Storage
+
+    body = post(served, "/v1/generate", {"prompt": "stored", "seed": 5, "id": "sku/12", "output": "uri"}).json()
+    assert body["image_uri"] == f"{served['bucket']}/out/images/acme/sku%2F12.png"
+    assert "image_base64" not in body
+    stored = Storage().read_bytes(body["image_uri"])
+    assert Image.open(io.BytesIO(stored)).size == (64, 64)
+
+
+def test_safety_blocks_with_200_and_no_image_per_tenant_lists(served):
+    blocked = post(served, "/v1/generate", {"prompt": "a forbiddenword poster"})
+    assert blocked.status_code == 200
+    body = blocked.json()
+    assert body["status"] == "blocked" and "image_base64" not in body and "image_uri" not in body
+    assert body["safety"]["decided_by"] == "prompt_filter"
+    # acme's own list: blocked for acme, not for globex
+    assert post(served, "/v1/generate", {"prompt": "competitorname shoes"}).json()["status"] == "blocked"
+    assert post(served, "/v1/generate", {"prompt": "competitorname shoes"}, tenant="globex").json()["status"] == "ok"
+
+
+def test_grpc_each_method_and_its_errors(served):
+    import grpc
+
+    from factory.routing.proto import factory_api_pb2 as pb
+    from factory.routing.proto import factory_api_pb2_grpc as pb_grpc
+
+    metadata = (("application", APP), ("authorization", f"Bearer {KEYS['globex'].key}"))
+    with grpc.insecure_channel(served["grpc"]) as channel:
+        stub = pb_grpc.FactoryStub(channel)
+        assert stub.Ready(pb.ReadyRequest(), metadata=metadata, timeout=30).ready
+        generated = stub.Generate(pb.TaskRequest(prompt="a red bicycle", seed=7, id="grpc-1"), metadata=metadata,
+                                  timeout=60)
+        assert generated.status == "ok" and generated.adapter == "globex/brand" and generated.seed == 7
+        assert Image.open(io.BytesIO(generated.image)).size == (64, 64)
+        over_http = post(served, "/v1/generate", {"prompt": "a red bicycle", "seed": 7, "id": "grpc-1"},
+                         tenant="globex").json()
+        assert base64.b64decode(over_http["image_base64"]) == generated.image  # one door or the other
+        caption = stub.Caption(pb.TaskRequest(image=png()), metadata=metadata, timeout=60)
+        assert caption.task == "caption" and caption.caption and caption.safety.verdict == "pass"
+        answer = stub.Answer(pb.TaskRequest(image_uri=f"{served['bucket']}/inputs/coffee.png", question="Cups?"),
+                             metadata=metadata, timeout=60)
+        assert answer.task == "vqa" and answer.answer
+        routed = stub.Task(pb.TaskRequest(prompt="Question: what is it?", image=png()), metadata=metadata, timeout=60)
+        assert routed.task == "vqa"
+
+        def code_of(call, message, meta=metadata):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(message, metadata=meta, timeout=60)
+            error = caught.value
+            details = json.loads(error.details())
+            assert "Traceback" not in error.details()
+            return error.code(), details, dict(error.trailing_metadata() or ())
+
+        code, details, trailing = code_of(stub.Generate, pb.TaskRequest(prompt="x", width=100))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details["field"] == "width"
+        assert trailing["http-status"] == "422"
+        code, details, _ = code_of(stub.Generate, pb.TaskRequest(prompt="x", image=png()))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details["field"] == "image"
+        code, details, _ = code_of(stub.Generate, pb.TaskRequest(prompt="x", adapter="nope"))
+        assert code == grpc.StatusCode.NOT_FOUND and details["field"] == "adapter"
+        code, _, _ = code_of(stub.Generate, pb.TaskRequest(prompt="x", adapter="acme/brand"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        code, _, _ = code_of(stub.Caption, pb.TaskRequest(image=b"\0" * (MAX_IMAGE_BYTES + 1)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        code, details, trailing = code_of(stub.Generate, pb.TaskRequest(prompt="x"),
+                                          (("application", APP), ("authorization", "Bearer fk_nope")))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and trailing["http-status"] == "401"
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_400_or_422_naming_the_field(served):
+    assert_error(post(served, "/v1/generate", {"prompt": "x", "colour": "red"}), 422, "colour")
+    assert_error(post(served, "/v1/generate", {"prompt": "x", "width": 100}), 422, "width")
+    assert_error(post(served, "/v1/generate", {"seed": 1}), 422, "prompt")
+    assert_error(post(served, "/v1/generate", {"prompt": "x", "width": 512}), 400, "width")  # over the server's cap
+    assert_error(post(served, "/v1/tasks", {"task": "paint", "prompt": "x"}), 400, "task")
+    assert_error(post(served, "/v1/tasks", {"prompt": "Question: what?"}), 400, "image")
+    assert_error(post(served, "/v1/caption", {"image_base64": "not base64!"}), 422, "image_base64")
+    assert_error(post(served, "/v1/caption", {"image_base64": b64(b"hello, not an image")}), 400, "image_base64")
+    assert_error(post(served, "/v1/answer", {"image_uri": "/etc/passwd", "question": "?"}), 400, "image_uri")
+    assert_error(post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/missing.png",
+                                             "question": "?"}), 400, "image_uri")
+    raw = requests.post(f"{served['base']}/v1/generate", data=b"{not json",
+                        headers={"Authorization": f"Bearer {KEYS['acme'].key}", "Content-Type": "application/json"},
+                        timeout=30)
+    assert_error(raw, 400, "body")
+    assert_error(requests.get(f"{served['base']}/v1/nothing-here", timeout=10), 404)
+
+
+def test_401_403_404(served):
+    missing = post(served, "/v1/generate", {"prompt": "x"}, tenant=None)
+    assert_error(missing, 401)
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert_error(post(served, "/v1/generate", {"prompt": "x"}, key="fk_000000000000_" + "0" * 64), 401)
+    forged = KEYS["acme"].key[:-1] + ("0" if KEYS["acme"].key[-1] != "0" else "1")
+    assert_error(post(served, "/v1/generate", {"prompt": "x"}, key=forged), 401)
+    # another tenant's adapter, even one that exists; and inputs outside the allowed prefixes
+    assert_error(post(served, "/v1/generate", {"prompt": "x", "adapter": "globex/brand"}), 403, "adapter")
+    assert_error(post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/private/secret.png",
+                                             "question": "?"}), 403, "image_uri")
+    assert_error(post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/../private/secret.png",
+                                             "question": "?"}), 403, "image_uri")
+    # an adapter name the tenant does not have (globex has apac-bold; acme does not)
+    assert_error(post(served, "/v1/generate", {"prompt": "x", "adapter": "apac-bold"}), 404, "adapter")
+    assert_error(post(served, "/v1/generate", {"prompt": "x", "adapter": "eu-minimal"}, tenant="initech"), 404,
+                 "adapter")
+
+
+def test_413_for_oversized_images(served):
+    big = b"\0" * (MAX_IMAGE_BYTES + 10)
+    assert_error(post(served, "/v1/caption", {"image_base64": b64(big)}), 413, "image_base64")
+    # a small file that claims too many pixels (checked on the header, before decoding)
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 5000)).save(bomb, "PNG")
+    assert_error(post(served, "/v1/caption", {"image_base64": b64(bomb.getvalue())}), 413, "image_base64")
+    from factory.io.storage import Storage
+
+    Storage().write_bytes(f"{served['bucket']}/inputs/big.bin", big)
+    assert_error(post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/big.bin", "question": "?"}),
+                 413, "image_uri")
+
+
+def test_429_past_the_tenants_in_flight_bound(served):
+    # initech may have one request in flight: four at once, the others are refused at the door
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda i: post(served, "/v1/generate", {"prompt": f"slow {i}", **SLOW},
+                                                 tenant="initech"), range(4)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 1 and 429 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert_error(refused, 429)
+    assert refused.headers["Retry-After"] == "1"
+    # other tenants are not held back by initech's bound
+    assert post(served, "/v1/generate", {"prompt": "x"}, tenant="globex").status_code == 200
+
+
+def test_503_when_serve_sheds_load(served):
+    # 4 ongoing + 8 queued per ingress handle; the rest is shed by Serve (BackPressureError) -> 503, not 500
+    with ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda i: post(served, "/v1/generate", {"prompt": f"load {i}", **SLOW},
+                                                 tenant="umbrella", timeout=120), range(24)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+    shed = next(r for r in responses if r.status_code == 503)
+    assert assert_error(shed, 503)["code"] == "overloaded" and shed.headers["Retry-After"] == "1"
+
+
+def test_503_while_no_replica_is_ready(served):
+    from ray import serve
+
+    from factory.routing.app import build_serving_app, load_serving
+
+    config = serving_config(served["bucket"], 1, 1, num_cpus=64)  # a replica this cluster can never place
+    config["app_name"] = NOT_READY_APP
+    config["api"]["ready_probe_timeout_s"] = 0.5
+    serve.run(build_serving_app(load_serving(config)), name=NOT_READY_APP, route_prefix="/notready",
+              blocking=False)
+    base = f"{served['base']}/notready"
+    wait_for(lambda: requests.get(f"{base}/healthz", timeout=10).status_code == 200, 60)
+    not_ready = requests.get(f"{base}/readyz", timeout=10)
+    assert not_ready.status_code == 503 and not_ready.json()["status"] == "not_ready"
+    refused = requests.post(f"{base}/v1/generate", json={"prompt": "x"}, timeout=30,
+                            headers={"Authorization": f"Bearer {KEYS['acme'].key}"})
+    assert assert_error(refused, 503)["code"] == "not_ready" and refused.headers["Retry-After"] == "1"
+    serve.delete(NOT_READY_APP)
+
+
+# ---- same images as in-process calls, from several tenants at once --------------------------------------------
+
+
+def test_concurrent_tenants_get_the_same_images_as_in_process_calls(served, stack):
+    from factory.io.storage import Storage
+    from factory.model.lora import LoraPool
+    from factory.routing.batch import BatchRunner, ReplicaCall, adapter_key
+    from factory.routing.parser import parse_request, with_adapter
+    from factory.safety.policy import SafetyChecker
+
+    serving = served["serving"]
+    cases = [(tenant, {"prompt": f"{tenant} poster {i}", "seed": 100 + i, "id": f"{tenant}-{i}",
+                       **({"region": "eu"} if i == 1 else {})})
+             for tenant in ("acme", "globex", "initech", "umbrella") for i in range(3)]
+    # initech allows one request in flight: its three go one after another, the others all at once
+    with ThreadPoolExecutor(len(cases)) as pool:
+        futures = [pool.submit(_sequential, served, [c for c in cases if c[0] == "initech"])]
+        futures += [pool.submit(lambda c: [post(served, "/v1/generate", c[1], tenant=c[0])], case)
+                    for case in cases if case[0] != "initech"]
+        responses = [r for future in futures for r in future.result()]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    by_id = {r.json()["id"]: r.json() for r in responses}
+
+    runner = BatchRunner(stack, SafetyChecker(serving.config.safety),
+                         LoraPool(stack.generator.pipe, max_adapters=4, storage=Storage()),
+                         {ref.key: ref for ref in serving.registry.adapters()})
+    for tenant, body in cases:
+        request = with_adapter(parse_request({**body, "tenant": tenant}, serving.defaults()), serving.registry)
+        local = runner.run([ReplicaCall(request=request)], adapter_key(request))[0]
+        served_body = by_id[body["id"]]
+        assert served_body["adapter"] == local.adapter and served_body["seed"] == local.seed
+        theirs = np.asarray(decoded(served_body)).astype(int)
+        ours = np.asarray(Image.open(io.BytesIO(local.image_png))).astype(int)
+        # Bit-identical at the same batch size; fp32 kernels of another batch size may round by one level.
+        assert np.abs(theirs - ours).max() <= 1, body["id"]
+
+
+def _sequential(served, cases):
+    return [post(served, "/v1/generate", body, tenant=tenant) for tenant, body in cases]
+
+
+# ---- one warm fleet for both doors -----------------------------------------------------------------------------
+
+
+def test_a_batch_job_naming_the_app_joins_the_same_replicas(served, tmp_path):
+    from factory.jobs.cluster import deploy
+    from factory.jobs.spec import JobSpec
+    from factory.routing.tenants import TenantRegistry
+
+    config = served["serving"].config
+    spec = JobSpec.model_validate({
+        "name": "joins", "inputs": [str(tmp_path / "m.jsonl")], "output": str(tmp_path / "out"),
+        "profile": "tiny", "tenants": str(TENANTS), "safety": config.safety.model_dump(),
+        "serve": {"app_name": APP, "replicas": 1, "num_cpus": 1, "max_batch_size": 4, "batch_wait_timeout_s": 0.01,
+                  "max_ongoing_requests": 4},
+    })
+    replica_ids = _replica_actor_names()
+    deploy(spec, APP, TenantRegistry.from_file(TENANTS), owned=False)  # reused: same fingerprint
+    assert _replica_actor_names() == replica_ids
+    other = spec.model_copy(update={"serve": spec.serve.model_copy(update={"max_batch_size": 2})})
+    from factory.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="serving another config"):
+        deploy(other, APP, TenantRegistry.from_file(TENANTS), owned=False)
+
+
+def _replica_actor_names() -> set[str]:
+    import ray
+
+    return {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if f"{APP}#StackReplica" in actor["name"]}
+
+
+# ---- fuzzing the schema ---------------------------------------------------------------------------------------
+
+
+def test_openapi_fuzz_never_answers_5xx_other_than_503_nor_a_traceback(served):
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+
+    schema = schemathesis.openapi.from_url(f"{served['base']}/openapi.json")
+    headers = {"Authorization": f"Bearer {KEYS['globex'].key}"}
+    failures = []
+
+    for operation in schema.get_all_operations():
+        operation = operation.ok()
+        strategy = operation.as_strategy()
+
+        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @schemathesis.hypothesis.given(case=strategy)
+        def check(case):
+            response = case.call(base_url=served["base"], headers=headers, timeout=60)
+            text = response.text
+            if (response.status_code >= 500 and response.status_code != 503) or "Traceback" in text:
+                failures.append((operation.label, response.status_code, text[:300]))
+
+        check()
+    assert not failures, failures[:5]
+
+
+# ---- a replica killed mid-request ------------------------------------------------------------------------------
+
+
+def test_a_killed_replica_fails_its_requests_quickly_and_serve_replaces_it(served):
+    import ray
+
+    (name,) = _replica_actor_names()
+    with ThreadPoolExecutor(6) as pool:
+        started = time.monotonic()
+        futures = [pool.submit(post, served, "/v1/generate", {"prompt": f"in flight {i}", **SLOW}, "umbrella")
+                   for i in range(6)]
+        time.sleep(0.8)
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        responses = [future.result() for future in futures]
+        elapsed = time.monotonic() - started
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    lost = next(r for r in responses if r.status_code == 503)
+    assert assert_error(lost, 503)["code"] == "replica_unavailable"
+    assert elapsed < 30  # a clear answer, not a hang until the request timeout
+    # Serve replaces the replica; later requests succeed
+    wait_for(lambda: _replica_actor_names() - {name}, 60)
+    later = post(served, "/v1/generate", {"prompt": "after", "seed": 1}, timeout=120)
+    assert later.status_code == 200, later.text

@@ -119,6 +119,39 @@ def grpc_round(target: str, key: str, app: str, count: int, image_b64: str) -> t
     return walls, overheads
 
 
+def healthz_round(base: str, count: int) -> list[float]:
+    """HTTP -> Serve's proxy -> the ingress replica and back, no model replica: the door's own share."""
+    import requests
+
+    session = requests.Session()
+    walls = []
+    for _ in range(count):
+        started = time.perf_counter()
+        session.get(f"{base}/healthz", timeout=30).raise_for_status()
+        walls.append((time.perf_counter() - started) * 1000)
+    return walls
+
+
+def handle_round(app: str, count: int, image_b64: str) -> list[float]:
+    """This process -> a DeploymentHandle -> StackReplica (serve.batch, a worker thread) and back, minus the model
+    time: the ingress-to-replica hop's share."""
+    from ray import serve
+
+    from factory.routing.batch import ReplicaCall
+    from factory.routing.requests import Task, TaskRequest
+
+    handle = serve.get_deployment_handle("StackReplica", app)
+    data = base64.b64decode(image_b64)
+    overheads = []
+    for index in range(count):
+        call = ReplicaCall(request=TaskRequest(id=f"h{index}", tenant=TENANT, task=Task.CAPTION, image="upload"),
+                           image_bytes=data)
+        started = time.perf_counter()
+        result = handle.options(multiplexed_model_id="base").remote(call).result(timeout_s=60)
+        overheads.append((time.perf_counter() - started) * 1000 - result.latency_ms)
+    return overheads
+
+
 def load(base: str, key: str, clients: int, seconds: float, image_b64: str) -> dict:
     """`clients` closed-loop clients for `seconds`; every request must succeed."""
     import requests
@@ -154,14 +187,11 @@ def load(base: str, key: str, clients: int, seconds: float, image_b64: str) -> d
 
 
 def deploy(replicas: int, key_entry: dict, http_port: int, grpc_port: int) -> None:
-    from ray import serve
-
     from factory.jobs.cluster import wait_until_ready
-    from factory.routing.app import build_serving_app, load_serving, start_serve
+    from factory.routing.app import deploy_serving, load_serving
 
     serving = load_serving(serving_config(replicas, key_entry, http_port, grpc_port))
-    start_serve(serving)
-    serve.run(build_serving_app(serving), name=serving.config.app_name, route_prefix="/", blocking=False)
+    deploy_serving(serving)
     wait_until_ready(serving.config.app_name, 300)
 
 
@@ -205,11 +235,13 @@ def main() -> None:
 
     figures: dict[str, list[float]] = {k: [] for k in (
         "direct_p50", "direct_p99", "http_p50", "http_p99", "grpc_p50", "grpc_p99", "http_over_p50",
-        "http_over_p99", "grpc_over_p50", "grpc_over_p99")}
+        "http_over_p99", "grpc_over_p50", "grpc_over_p99", "healthz_p50", "handle_over_p50")}
     for repeat in range(repeats):
         direct = direct_round(runner, count, image_b64)
         http, http_over = http_round(base, made.key, count, image_b64)
         grpc_walls, grpc_over = grpc_round(target, made.key, "serve-bench", count, image_b64)
+        figures["healthz_p50"].append(percentile(healthz_round(base, count), 50))
+        figures["handle_over_p50"].append(percentile(handle_round("serve-bench", count, image_b64), 50))
         for name, values in (("direct", direct), ("http", http), ("grpc", grpc_walls), ("http_over", http_over),
                              ("grpc_over", grpc_over)):
             figures[f"{name}_p50"].append(percentile(values, 50))
@@ -238,6 +270,8 @@ def main() -> None:
     print(f"{'gRPC, 1 replica':34}{med['grpc_p50']:>10.1f}{med['grpc_p99']:>10.1f}")
     print(f"{'HTTP overhead (wall - model time)':34}{med['http_over_p50']:>10.1f}{med['http_over_p99']:>10.1f}")
     print(f"{'gRPC overhead (wall - model time)':34}{med['grpc_over_p50']:>10.1f}{med['grpc_over_p99']:>10.1f}")
+    print(f"where it goes, p50: HTTP -> proxy -> ingress -> back (GET /healthz) {med['healthz_p50']:.1f} ms; "
+          f"handle -> StackReplica -> back, minus model time {med['handle_over_p50']:.1f} ms")
     print(f"HTTP p50 - direct p50: {med['http_p50'] - med['direct_p50']:.1f} ms; "
           f"gRPC p50 - direct p50: {med['grpc_p50'] - med['direct_p50']:.1f} ms  (aim: <= 5 ms)")
     print(f"load: {args.clients} closed-loop HTTP clients, {seconds:g} s x {repeats} (medians)")

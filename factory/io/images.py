@@ -72,6 +72,18 @@ def load_image(
 # ---- images -------------------------------------------------------------------------------------------
 
 
+def _open_image(data: bytes, source: str) -> Image.Image:
+    """Pillow's lazy open (header only), with every way it fails as one line naming the source."""
+    try:
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{source}: image too large ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{source}: not an image (or not one of {', '.join(IMAGE_FORMATS)})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(f"{source}: corrupt image header ({exc})") from exc
+
+
 def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `data` into an RGB image, refusing non-images, corrupt or truncated files and decompression bombs.
 
@@ -79,14 +91,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS)
     claim gigabytes of pixels. Pillow's own guard (an error only past 2 x MAX_IMAGE_PIXELS, ~179 M) is
     too loose to rely on.
     """
-    try:
-        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{source}: image too large ({exc})") from exc
-    except UnidentifiedImageError as exc:
-        raise InputError(f"{source}: not an image (or not one of {', '.join(IMAGE_FORMATS)})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputError(f"{source}: corrupt image header ({exc})") from exc
+    img = _open_image(data, source)
 
     width, height = img.size
     if width <= 0 or height <= 0:
@@ -321,14 +326,7 @@ def prepare_image(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIX
     """Decode archive bytes by the rules above; `budget_pixels` bounds what the model will get."""
     if not data:
         raise InputError(f"{source}: empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{source}: image too large ({exc})") from exc
-    except UnidentifiedImageError as exc:
-        raise InputError(f"{source}: not an image (or not one of {', '.join(IMAGE_FORMATS)})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputError(f"{source}: corrupt image header ({exc})") from exc
+    img = _open_image(data, source)
     fmt = img.format or "unknown"
     width, height = img.size
     if width <= 0 or height <= 0:

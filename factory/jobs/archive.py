@@ -606,7 +606,7 @@ def run_archive_job(spec: JobSpec, run_id: str | None = None, address: str | Non
     import ray
 
     from factory.jobs.cluster import connect, default_app_name, deploy, release, wait_until_ready
-    from factory.jobs.runs import chunk_states, generation_defaults, start_tally
+    from factory.jobs.runs import budget_stop, chunk_states, generation_defaults, start_tally, worker_failure
     from factory.model.profiles import get_profile
 
     assert spec.archive is not None
@@ -698,15 +698,10 @@ def run_archive_job(spec: JobSpec, run_id: str | None = None, address: str | Non
             except FactoryError:
                 raise
             except Exception as error:
-                _, stopped = ray.get(tally.snapshot.remote())
-                if stopped:
-                    from factory.jobs.runs import JobAborted
-
-                    raise JobAborted(
-                        f"job {spec.name}: {stopped}; stopped, committed rows are kept under {layout.root} "
-                        f"(re-run with --run-id {run_id} to resume)"
-                    ) from None
-                raise _worker_failure(error, spec.name, run_id, layout.root) from None
+                stop = budget_stop(tally, spec.name, run_id, layout.root)
+                if stop is not None:
+                    raise stop from None
+                raise worker_failure(error, spec.name, run_id, layout.root) from None
     finally:
         context.target_max_block_size = saved_block_size
         progress.close()
@@ -724,19 +719,6 @@ def run_archive_job(spec: JobSpec, run_id: str | None = None, address: str | Non
     storage.write_bytes(layout.success, b"")
     run_log.info("archive run finished", **summary.by_status)
     return summary
-
-
-def _worker_failure(error: BaseException, job: str, run_id: str, root: str) -> FactoryError:
-    """A Ray-wrapped exception from a worker, as the one line a person needs."""
-    cause: BaseException | None = error
-    seen = set()
-    while cause is not None and id(cause) not in seen and not isinstance(cause, FactoryError):
-        seen.add(id(cause))
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    text = str(cause if isinstance(cause, FactoryError) else error).strip().splitlines()
-    message = text[-1] if text else type(error).__name__
-    return FactoryError(f"job {job}: a worker failed: {message}; committed work is kept under {root} "
-                        f"(re-run with --run-id {run_id} to resume)")
 
 
 def _all_chunks(storage: Storage, layout: OutputLayout, sources: list[ArchiveSource]) -> list[ArchiveChunk]:

@@ -30,7 +30,7 @@ THUMBNAIL_SIDE = 256
 MAX_SOURCE_BYTES = 64 * 1024 * 1024  # an input image larger than this is not thumbnailed
 _COLUMNS = ["id", "tenant", "region", "task", "status", "prompt", "question", "caption", "answer", "image_uri",
             "source_uri", "adapter", "seed", "width", "height", "latency_ms", "error", "safety_verdict",
-            "safety_reason", "performance", "reused_from"]
+            "safety_reason", "performance", "reused_from", "checks"]
 
 
 @dataclass(frozen=True)
@@ -146,11 +146,20 @@ def _card(row: dict, storage: Storage) -> tuple[str, bool]:
         lines.append(f'<p class="q">Q: {_e(row["question"])}</p>')
     if text:
         lines.append(f"<p>{_e(text[:300])}</p>")
+    for name, answer in _pairs(row.get("checks")):
+        lines.append(f'<p class="q">{_e(name)}: {_e(str(answer)[:200])}</p>')
     details = [row.get("adapter") or "base", f"seed {row['seed']}" if row.get("seed") is not None else None,
                f"{row['latency_ms']:.0f} ms" if row.get("latency_ms") is not None else None,
                f"reused from {row['reused_from']}" if row.get("reused_from") else None]
     lines.append('<p class="details">' + " · ".join(_e(d) for d in details if d) + "</p></div></div>")
     return "\n".join(lines), thumbnail is not None
+
+
+def _pairs(checks) -> list[tuple[str, str]]:
+    """A Parquet map column reads back as (key, value) pairs."""
+    if not checks:
+        return []
+    return sorted(checks.items()) if isinstance(checks, dict) else sorted(tuple(pair) for pair in checks)
 
 
 def _thumbnail(storage: Storage, uri: str) -> str | None:
@@ -188,7 +197,8 @@ h3 small, .counts, .more {{ color: #666; font-weight: normal; font-size: 13px; }
 .placeholder {{ width: 100%; aspect-ratio: 1; display: flex; flex-direction: column; align-items: center;
   justify-content: center; background: repeating-linear-gradient(45deg, #e4e4e4, #e4e4e4 10px, #efefef 10px,
   #efefef 20px); color: #555; text-align: center; }}
-.placeholder span {{ font-weight: bold; text-transform: uppercase; }} .placeholder small {{ padding: 4px 8px; }}
+.placeholder span {{ font-weight: bold; text-transform: uppercase; }}
+.placeholder small {{ padding: 4px 8px; overflow-wrap: anywhere; }}
 .meta {{ padding: 8px; font-size: 13px; }} .meta p {{ margin: 4px 0; }} .details, .q {{ color: #666; }}
 .badge {{ float: right; font-size: 11px; padding: 1px 6px; border-radius: 8px; background: #ddd; }}
 .badge.ok {{ background: #cdebd3; }} .badge.blocked, .badge.quarantined {{ background: #f3c9c9; }}

@@ -30,7 +30,8 @@ from factory.jobs.manifests import expand_manifest_uris
 from factory.jobs.plan import Chunk, ChunkPlan, load_or_build_plan
 from factory.jobs.progress import Progress
 from factory.jobs.reuse import reuse_context
-from factory.jobs.runs import JobAborted, chunk_states, generation_defaults, output_root, start_tally
+from factory.jobs.runs import JobAborted  # noqa: F401 - callers catch it from here, next to run_job
+from factory.jobs.runs import budget_stop, chunk_states, generation_defaults, output_root, start_tally, worker_failure
 from factory.jobs.spec import JobSpec
 from factory.jobs.summary import (
     ChunkStats, ChunkValidation, RunSummary, ValidationSummary, summarize_run,
@@ -173,22 +174,7 @@ def _worker_rows(dataset, run: Run):
     except FactoryError:
         raise
     except Exception as error:
-        raise worker_failure(error, run) from None
-
-
-def worker_failure(error: BaseException, run: Run) -> FactoryError:
-    """A Ray-wrapped exception from a worker, as the one line a person needs (the cause, and how to resume)."""
-    cause: BaseException | None = error
-    seen = set()
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, FactoryError):
-            break
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    text = str(cause if isinstance(cause, FactoryError) else error).strip().splitlines()
-    message = text[-1] if text else type(error).__name__
-    return FactoryError(f"job {run.spec.name}: a worker failed: {message}; committed work is kept under "
-                        f"{run.layout.root} (re-run with --run-id {run.run_id} to resume)")
+        raise worker_failure(error, run.spec.name, run.run_id, run.layout.root) from None
 
 
 # ---- factory run ----------------------------------------------------------------------------------------
@@ -215,13 +201,16 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
     app_name = spec.serve.app_name or default_app_name(spec.name)
     owned = spec.serve.app_name is None
     fresh: dict[str, ChunkStats] = {}
+    replica_start = 0.0
     try:
         index = ensure_validated(run, tally, progress)
         pending = [chunk for chunk in run.plan.chunks if not _finished(run.states.get(chunk.id, set()), retry_failed)]
         run.log.info("run starting", chunks=len(run.plan.chunks), pending=len(pending), output=run.layout.root)
         if pending:
+            deploying = time.monotonic()
             deploy(spec, app_name, run.registry, owned=owned)
             wait_until_ready(app_name, spec.serve.ready_timeout_s)
+            replica_start = time.monotonic() - deploying
             chunks = run.context(tally)
             progress.phase("rows", sum(chunks.expected_rows(chunk) for chunk in pending), "settled", "ok", "blocked",
                            "rejected", "failed")
@@ -245,12 +234,9 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
                     stats = ChunkStats.model_validate_json(row["stats"])
                     fresh[stats.chunk] = stats
             except FactoryError:
-                _, stopped = ray.get(tally.snapshot.remote())
-                if stopped:
-                    raise JobAborted(
-                        f"job {spec.name}: {stopped}; stopped, committed rows are kept under {run.layout.root} "
-                        f"(re-run with --run-id {run.run_id} to resume)"
-                    ) from None
+                stop = budget_stop(tally, spec.name, run.run_id, run.layout.root)
+                if stop is not None:
+                    raise stop from None
                 raise
     finally:
         progress.close()
@@ -263,7 +249,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
         markers, job=spec.name, run_id=run.run_id, output=run.layout.root,
         plan_rejects=len(run.plan.problems), rows_read=counts.get("rows_read", 0),
         rows_read_again=counts.get("rows_read_again", 0), model_rows=counts.get("model_rows", 0),
-        wall_seconds=time.monotonic() - run.started,
+        wall_seconds=time.monotonic() - run.started, replica_start_seconds=replica_start,
     )
     run.storage.write_bytes(run.layout.summary, summary.model_dump_json(indent=2).encode())
     run.storage.write_bytes(run.layout.success, b"")

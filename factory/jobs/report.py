@@ -23,9 +23,11 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
         table.add_row(name, *(str(tenant.by_status.get(s, 0)) for s in STATUSES), str(tenant.images),
                       f"{tenant.compute_seconds:.2f}")
     console.print(table)
+    started = f", replicas ready after {summary.replica_start_seconds:.1f} s" if summary.replica_start_seconds else ""
+    reused = f", {summary.reused} reused from earlier runs" if summary.reused else ""
     console.print(
-        f"{summary.rows} rows, {summary.rejects} rejects, {summary.images} images in {summary.wall_seconds:.1f} s "
-        f"({summary.images_per_second:.2f} images/s); output: {summary.output}",
+        f"{summary.rows} rows, {summary.rejects} rejects, {summary.images} images{reused} in "
+        f"{summary.wall_seconds:.1f} s{started} ({summary.images_per_second:.2f} images/s); output: {summary.output}",
         soft_wrap=True,
     )
 

@@ -48,3 +48,27 @@ def start_tally(spec: JobSpec | None):
 
     budget = spec.error_budget if spec is not None else None
     return ray.remote(RunTally).options(num_cpus=0).remote(budget)
+
+
+def worker_failure(error: BaseException, job: str, run_id: str, root: str) -> FactoryError:
+    """A Ray-wrapped exception from a worker, as the one line a person needs (the cause, and how to resume)."""
+    cause: BaseException | None = error
+    seen = set()
+    while cause is not None and id(cause) not in seen and not isinstance(cause, FactoryError):
+        seen.add(id(cause))
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    text = str(cause if isinstance(cause, FactoryError) else error).strip().splitlines()
+    message = text[-1] if text else type(error).__name__
+    return FactoryError(f"job {job}: a worker failed: {message}; committed work is kept under {root} "
+                        f"(re-run with --run-id {run_id} to resume)")
+
+
+def budget_stop(tally, job: str, run_id: str, root: str) -> JobAborted | None:
+    """The error to stop with when the run's tally says the error budget ran out, else None."""
+    import ray
+
+    _, stopped = ray.get(tally.snapshot.remote())
+    if not stopped:
+        return None
+    return JobAborted(f"job {job}: {stopped}; stopped, committed rows are kept under {root} "
+                      f"(re-run with --run-id {run_id} to resume)")

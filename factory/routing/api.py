@@ -17,6 +17,7 @@ import binascii
 import io
 import json
 import uuid
+
 import structlog
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -127,7 +128,7 @@ def authenticated_tenant(
         ingress = serve.get_replica_context().servable_object
     except Exception:  # noqa: BLE001 - outside a replica (never in service)
         ingress = None
-    if not isinstance(ingress, ApiIngress):
+    if not hasattr(ingress, "tenant_for"):  # Serve rebuilds the class in the replica: no isinstance
         raise ApiError(503, "not_ready", "the API is starting", headers={"Retry-After": "1"})
     return ingress.tenant_for(presented_key(authorization, x_api_key))
 
@@ -207,6 +208,7 @@ class ApiIngress:
         self.keyring = Keyring(self.settings.keys)
         self.storage = Storage()
         self.in_flight: dict[str, int] = {}
+        self.handles: dict[str, object] = {}
         self.ready = False
 
     # ---- HTTP ---------------------------------------------------------------------------------------------
@@ -435,9 +437,11 @@ class ApiIngress:
         from ray.serve import exceptions as serve_errors
 
         retry = {"Retry-After": str(self.settings.retry_after_s)}
-        response = self.replica.options(multiplexed_model_id=adapter_key(request)).remote(
-            ReplicaCall(request=request, image_bytes=image)
-        )
+        key = adapter_key(request)
+        handle = self.handles.get(key)
+        if handle is None:  # one handle per adapter, made once (options() builds a new handle object)
+            handle = self.handles[key] = self.replica.options(multiplexed_model_id=key)
+        response = handle.remote(ReplicaCall(request=request, image_bytes=image))
         try:
             return await asyncio.wait_for(_awaitable(response), self.settings.request_timeout_s)
         except asyncio.TimeoutError:

@@ -115,8 +115,7 @@ class Serving(BaseModel):
         """As a job's deploy computes it (factory.jobs.cluster.deploy), so the fingerprints agree."""
         s = self.config.serve
         profile = get_profile(self.config.profile)
-        gpus = s.num_gpus if s.num_gpus is not None else (
-            1.0 if profile.generator.device != "cpu" or profile.vlm.device != "cpu" else 0.0)
+        gpus = s.num_gpus if s.num_gpus is not None else (1.0 if profile.wants_gpu else 0.0)
         return {"replicas": s.replicas, "num_cpus": s.num_cpus, "num_gpus": float(gpus),
                 "max_ongoing_requests": s.max_ongoing_requests}
 
@@ -215,13 +214,16 @@ def start_serve(serving: Serving) -> None:
     serve.start(**options)
 
 
-def deploy_serving(serving: Serving) -> None:
-    """Deploy (or redeploy) the app on the connected Ray; returns at once, replicas load in the background."""
+def deploy_serving(serving: Serving, *, app_name: str | None = None, route_prefix: str | None = None) -> None:
+    """Deploy (or redeploy) the app on the connected Ray and return at once, while the replicas load (serve.run
+    would wait until every replica runs, forever for one the cluster cannot place): see /readyz, or
+    factory.jobs.cluster.wait_until_ready for one line saying why they do not start."""
     from ray import serve
 
     start_serve(serving)
-    serve.run(build_serving_app(serving), name=serving.config.app_name, route_prefix=serving.config.api.route_prefix,
-              blocking=False)
+    target = serve.RunTarget(target=build_serving_app(serving), name=app_name or serving.config.app_name,
+                             route_prefix=route_prefix or serving.config.api.route_prefix)
+    serve.run_many([target], wait_for_applications_running=False)
 
 
 def _servicer_function() -> str:

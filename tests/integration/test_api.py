@@ -84,22 +84,17 @@ def served(ray_cluster, s3_endpoint):
 
     from factory.io.storage import Storage
     from factory.jobs.cluster import wait_until_ready
-    from factory.routing.app import build_serving_app, load_serving, start_serve
+    from factory.routing.app import deploy_serving, load_serving
 
     bucket = new_bucket(s3_endpoint, "api")
     Storage().write_bytes(f"{bucket}/inputs/coffee.png", png((64, 48), (90, 60, 20)))
     Storage().write_bytes(f"{bucket}/private/secret.png", png())
     # Serve's proxies keep the ports they started with: an earlier module's Serve (HTTP only, port 8000) is
-    # replaced by one with this module's HTTP and gRPC ports.
-    try:
-        if serve.status().applications:
-            serve.shutdown()
-    except Exception:  # noqa: BLE001 - Serve not started yet
-        pass
+    # replaced by one with this module's HTTP and gRPC ports (its apps were deleted with their modules).
+    serve.shutdown()
     http_port, grpc_port = _free_port(), _free_port()
     serving = load_serving(serving_config(bucket, http_port, grpc_port))
-    start_serve(serving)
-    serve.run(build_serving_app(serving), name=APP, route_prefix="/", blocking=False)
+    deploy_serving(serving)
     wait_until_ready(APP, 180)
     base = f"http://127.0.0.1:{http_port}"
     wait_for(lambda: requests.get(f"{base}/readyz", timeout=10).status_code == 200, 60)
@@ -335,13 +330,12 @@ def test_503_when_serve_sheds_load(served):
 def test_503_while_no_replica_is_ready(served):
     from ray import serve
 
-    from factory.routing.app import build_serving_app, load_serving
+    from factory.routing.app import deploy_serving, load_serving
 
     config = serving_config(served["bucket"], 1, 1, num_cpus=64)  # a replica this cluster can never place
     config["app_name"] = NOT_READY_APP
     config["api"]["ready_probe_timeout_s"] = 0.5
-    serve.run(build_serving_app(load_serving(config)), name=NOT_READY_APP, route_prefix="/notready",
-              blocking=False)
+    deploy_serving(load_serving(config), route_prefix="/notready")
     base = f"{served['base']}/notready"
     wait_for(lambda: requests.get(f"{base}/healthz", timeout=10).status_code == 200, 60)
     not_ready = requests.get(f"{base}/readyz", timeout=10)
@@ -382,7 +376,7 @@ def test_concurrent_tenants_get_the_same_images_as_in_process_calls(served, stac
         request = with_adapter(parse_request({**body, "tenant": tenant}, serving.defaults()), serving.registry)
         local = runner.run([ReplicaCall(request=request)], adapter_key(request))[0]
         served_body = by_id[body["id"]]
-        assert served_body["adapter"] == local.adapter and served_body["seed"] == local.seed
+        assert served_body.get("adapter") == local.adapter and served_body["seed"] == local.seed
         theirs = np.asarray(decoded(served_body)).astype(int)
         ours = np.asarray(Image.open(io.BytesIO(local.image_png))).astype(int)
         # Bit-identical at the same batch size; fp32 kernels of another batch size may round by one level.
@@ -429,51 +423,66 @@ def _replica_actor_names() -> set[str]:
 
 
 def test_openapi_fuzz_never_answers_5xx_other_than_503_nor_a_traceback(served):
+    """Bodies, headers and queries generated from /openapi.json, valid ones and invalid ones, with a valid key."""
     import schemathesis
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, given, settings, strategies
+    from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{served['base']}/openapi.json")
     headers = {"Authorization": f"Bearer {KEYS['globex'].key}"}
-    failures = []
+    failures, calls = [], []
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/tasks", "/v1/generate", "/v1/caption", "/v1/answer"}
+    for operation in operations:
+        strategy = strategies.one_of(operation.as_strategy(GenerationMode.POSITIVE),
+                                     operation.as_strategy(GenerationMode.NEGATIVE))
 
-    for operation in schema.get_all_operations():
-        operation = operation.ok()
-        strategy = operation.as_strategy()
-
-        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+        @settings(max_examples=60, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
-        @schemathesis.hypothesis.given(case=strategy)
+        @given(case=strategy)
         def check(case):
             response = case.call(base_url=served["base"], headers=headers, timeout=60)
-            text = response.text
-            if (response.status_code >= 500 and response.status_code != 503) or "Traceback" in text:
-                failures.append((operation.label, response.status_code, text[:300]))
+            calls.append(response.status_code)
+            if (response.status_code >= 500 and response.status_code != 503) or "Traceback" in response.text:
+                failures.append((operation.label, response.status_code, response.text[:300]))
 
         check()
     assert not failures, failures[:5]
+    assert 200 in calls and any(400 <= status < 500 for status in calls)  # it reached the models and the checks
 
 
 # ---- a replica killed mid-request ------------------------------------------------------------------------------
 
 
 def test_a_killed_replica_fails_its_requests_quickly_and_serve_replaces_it(served):
+    """Requests the replica had accepted (one batch of 4: max_ongoing_requests) get a 503 at once when it dies;
+    requests still queued in Serve's router go to the replacement. Later requests succeed."""
     import ray
 
-    (name,) = _replica_actor_names()
-    with ThreadPoolExecutor(6) as pool:
-        started = time.monotonic()
-        futures = [pool.submit(post, served, "/v1/generate", {"prompt": f"in flight {i}", **SLOW}, "umbrella")
-                   for i in range(6)]
-        time.sleep(0.8)
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-        responses = [future.result() for future in futures]
-        elapsed = time.monotonic() - started
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
-    lost = next(r for r in responses if r.status_code == 503)
-    assert assert_error(lost, 503)["code"] == "replica_unavailable"
-    assert elapsed < 30  # a clear answer, not a hang until the request timeout
-    # Serve replaces the replica; later requests succeed
-    wait_for(lambda: _replica_actor_names() - {name}, 60)
+    for attempt in range(3):  # the kill must land while the batch runs (~0.5 s); rarely it lands before
+        (name,) = _replica_actor_names()
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(_timed_post, served, {"prompt": f"in flight {i}", **SLOW}) for i in range(4)]
+            time.sleep(0.2)
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            answers = [future.result() for future in futures]
+        wait_for(lambda: _replica_actor_names() - {name}, 90)
+        statuses = [response.status_code for response, _ in answers]
+        assert set(statuses) <= {200, 503}, statuses
+        if 503 in statuses:
+            break
+    else:
+        pytest.fail("the kill never landed while requests were in flight")
+    for response, seconds in answers:
+        if response.status_code == 503:
+            assert assert_error(response, 503)["code"] == "replica_unavailable"
+            assert response.headers["Retry-After"] == "1"
+            assert seconds < 10  # a clear answer at once, not a wait for the request timeout (60 s here)
     later = post(served, "/v1/generate", {"prompt": "after", "seed": 1}, timeout=120)
     assert later.status_code == 200, later.text
+
+
+def _timed_post(served, body):
+    started = time.monotonic()
+    response = post(served, "/v1/generate", body, tenant="umbrella", timeout=120)
+    return response, time.monotonic() - started

@@ -75,10 +75,11 @@ def assert_exactly_once(root: str, ids: list[str], status: str = "ok") -> list[d
     return rows
 
 
-def replica_actors(app: str) -> list:
+def replica_actors(app: str, dashboard: str) -> list:
     from ray.util.state import list_actors
 
-    return [actor for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # The state API is addressed explicitly: another Ray on the machine would make its autodetection ambiguous.
+    return [actor for actor in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
             if actor.class_name == f"ServeReplica:{app}:StackReplica"]
 
 
@@ -96,7 +97,7 @@ def test_a_replica_killed_mid_job_is_replaced_and_every_row_ends_ok_once(ray_clu
     while len(results(root)) < 12:
         assert time.monotonic() < deadline and worker.is_alive(), "the job never got going"
         time.sleep(0.2)
-    (actor,) = replica_actors("factory-replicakill")
+    (actor,) = replica_actors("factory-replicakill", ray_cluster["dashboard"])
     ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)  # Serve must start a new one
     worker.join(timeout=400)
     assert not worker.is_alive() and "summary" in outcome

@@ -105,3 +105,60 @@ def test_the_fleet_fingerprint_is_a_jobs_fingerprint():
     assert serving.fingerprint() == replica_fingerprint(config, sizing)
     other = load_serving({"tenants": str(tenants), "serve": {**serve, "replicas": 1}, "safety": {"prompt_terms": ["x"]}})
     assert other.fingerprint() != serving.fingerprint()
+
+
+def test_serve_run_config_and_the_application_builder():
+    """`serve run infra/serve.yaml` imports factory.routing.app:build_app with the file's args: Serve's own schema
+    accepts the file, the builder builds the ingress in front of the replicas, and the gRPC servicer imports."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from factory.routing.app import build_app
+
+    repo = Path(__file__).resolve().parents[2]
+    config = ServeDeploySchema.model_validate(yaml.safe_load((repo / "infra" / "serve.yaml").read_text()))
+    (application,) = config.applications
+    module, _, name = application.import_path.partition(":")
+    assert getattr(importlib.import_module(module), name) is build_app
+    (servicer,) = config.grpc_options.grpc_servicer_functions
+    module, _, function = servicer.rpartition(".")
+    assert callable(getattr(importlib.import_module(module), function))
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(repo)  # `serve run` is started from the repository root; its args name files from there
+        app = build_app(application.args)
+    finally:
+        os.chdir(cwd)
+    ingress = app._bound_deployment  # Serve's own inspection of a built app (no public accessor in Ray 2.60)
+    replicas, ingress_config = ingress.init_args
+    assert (ingress.name, replicas._bound_deployment.name) == ("ApiIngress", "StackReplica")
+    assert ingress_config["tenants"]["tenants"]["acme"]["default"] == "brand"
+    with pytest.raises(ConfigError, match="not both"):
+        build_app({"config": "x.yaml", "profile": "tiny"})
+
+
+def test_factory_api_key_prints_a_key_and_the_entry_that_accepts_it(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    result = CliRunner().invoke(app, ["api-key", "acme"])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(":", 1) for line in result.output.splitlines())
+    key, entry = lines["key"].strip(), json.loads(lines["config"].split("#")[0])
+    assert Keyring([ApiKey.model_validate(entry)]).tenant_of(key) == "acme"
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("api: {keys: [{id: abc, tenant: acme, hash: plain-key}]}\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "factory", "serve", "--config", str(bad)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "api.keys[0].id" in done.stderr and "Traceback" not in done.stderr

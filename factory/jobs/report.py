@@ -49,7 +49,7 @@ def print_validation(summary: ValidationSummary, console: Console | None = None)
             console.print(_counts_table(title, counts))
     hours = summary.model_seconds / 3600
     console.print(
-        f"{summary.rows} rows: {summary.requests} would run, {summary.rejects} rejects ({summary.duplicates} duplicate "
+        f"{summary.rows} input rows: {summary.requests} would run, {summary.rejects} rejects ({summary.duplicates} duplicate "
         f"ids, {summary.unreadable_manifests} unreadable manifests); estimated model time {summary.model_seconds:.0f} s "
         f"({hours:.2f} h) for {summary.estimate_basis}; validated in {summary.wall_seconds:.1f} s "
         f"({summary.rows_per_second:.0f} rows/s); rejects and counts under {summary.output}",

@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import structlog
-
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 

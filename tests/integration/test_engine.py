@@ -240,18 +240,19 @@ def test_validate_counts_and_rejects_then_run_reuses_the_validation(ray_cluster,
         capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "34 rows: 26 would run, 8 rejects (1 duplicate ids" in completed.stdout.replace("\n", " ")
+    # 34 manifest rows and 5 catalog products; the products expand into 7 generation rows and 2 rejects.
+    assert "39 input rows: 33 would run, 10 rejects (1 duplicate ids" in completed.stdout.replace("\n", " ")
     root = str(tmp_path / "catalog")
     validation = json.loads(Storage().read_bytes(OutputLayout(root).validation))
-    assert validation["tasks"] == {"caption": 4, "generate": 19, "vqa": 3}
-    assert validation["tenants"] == {"acme": 9, "globex": 9, "initech": 4, "umbrella": 4}
+    assert validation["tasks"] == {"caption": 4, "generate": 26, "vqa": 3}
+    assert validation["tenants"] == {"acme": 14, "globex": 11, "initech": 4, "umbrella": 4}
     assert validation["adapters"]["base"] == 12 and validation["model_seconds"] > 0
-    assert len(rejects(root)) == 8 and not results(root)
+    assert len(rejects(root)) == 10 and not results(root)
 
     spec = load_spec(catalog, [f"output={tmp_path}"])
     summary = run_job(spec, address=ray_cluster["address"], show_progress=False)
     assert summary.rows_read == 0  # validated once: the run did not read the manifests again
-    assert (summary.rows, summary.rejects) == (26, 8)
+    assert (summary.rows, summary.rejects) == (33, 10)
 
 
 def test_validate_killed_part_way_resumes_by_chunk(ray_cluster, tmp_path):

@@ -59,17 +59,17 @@ class Run:
     states: dict[str, set[str]]  # chunk id -> marker names found under _chunks/<chunk>/
     registry: TenantRegistry | None
     started: float
+    catalog_sources: frozenset[str] = frozenset()  # the product files among the plan's sources
 
     @property
     def log(self):
         return log.bind(job=self.spec.name, run_id=self.run_id)
 
     def context(self, tally) -> ValidateContext:
-        catalog = self.spec.catalog
-        sources = frozenset(expand_manifest_uris(catalog.products, self.storage)) if catalog else frozenset()
         ctx = ValidateContext(
             run_id=self.run_id, layout=self.layout, storage=self.storage, defaults=generation_defaults(self.spec),
-            shards=1, registry=self.registry, tally=tally, catalog=catalog, catalog_sources=sources,
+            shards=1, registry=self.registry, tally=tally, catalog=self.spec.catalog,
+            catalog_sources=self.catalog_sources,
         )
         return replace(ctx, shards=shard_count(sum(ctx.expected_rows(chunk) for chunk in self.plan.chunks)))
 
@@ -82,15 +82,16 @@ def open_run(spec: JobSpec, run_id: str | None) -> Run:
     storage = Storage()
     layout = OutputLayout(output_root(spec, run_id))
     manifests = expand_manifest_uris(spec.inputs, storage)
-    if spec.catalog is not None:
-        manifests += expand_manifest_uris(spec.catalog.products, storage)
+    products = expand_manifest_uris(spec.catalog.products, storage) if spec.catalog is not None else []
+    manifests += products
     plan = load_or_build_plan(manifests, storage, spec.chunk_rows, layout.plan)
     if plan.problems:
         rejects = [reject_row(run_id, problem.source, 0, "manifest", problem.reason) for problem in plan.problems]
         publish_once(storage, layout.reject_part("plan"), parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)))
     registry = TenantRegistry.from_file(spec.tenants) if spec.tenants else None
     return Run(spec=spec, run_id=run_id, storage=storage, layout=layout, plan=plan,
-               states=chunk_states(storage, layout), registry=registry, started=started)
+               states=chunk_states(storage, layout), registry=registry, started=started,
+               catalog_sources=frozenset(products))
 
 
 def ensure_validated(run: Run, tally, progress: Progress) -> DedupIndex:

@@ -115,6 +115,17 @@ def post(served, path: str, body: dict, tenant: str | None = "acme", key: str | 
     return requests.post(f"{served['base']}{path}", json=body, headers=headers, timeout=timeout)
 
 
+def post_honouring_retry_after(served, path: str, body: dict, tenant: str, attempts: int = 20):
+    """A well-behaved client: Serve's router counts a request as queued until it is assigned, so a burst larger
+    than max_queued_requests can be shed (503 + Retry-After) even while the replica has free slots."""
+    for _ in range(attempts):
+        response = post(served, path, body, tenant=tenant)
+        if response.status_code != 503 or response.json().get("code") != "overloaded":
+            return response
+        time.sleep(float(response.headers.get("Retry-After", "1")))
+    return response
+
+
 def decoded(body: dict) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(body["image_base64"])))
 
@@ -363,7 +374,7 @@ def test_concurrent_tenants_get_the_same_images_as_in_process_calls(served, stac
     # initech allows one request in flight: its three go one after another, the others all at once
     with ThreadPoolExecutor(len(cases)) as pool:
         futures = [pool.submit(_sequential, served, [c for c in cases if c[0] == "initech"])]
-        futures += [pool.submit(lambda c: [post(served, "/v1/generate", c[1], tenant=c[0])], case)
+        futures += [pool.submit(lambda c: [post_honouring_retry_after(served, "/v1/generate", c[1], c[0])], case)
                     for case in cases if case[0] != "initech"]
         responses = [r for future in futures for r in future.result()]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
@@ -384,7 +395,7 @@ def test_concurrent_tenants_get_the_same_images_as_in_process_calls(served, stac
 
 
 def _sequential(served, cases):
-    return [post(served, "/v1/generate", body, tenant=tenant) for tenant, body in cases]
+    return [post_honouring_retry_after(served, "/v1/generate", body, tenant) for tenant, body in cases]
 
 
 # ---- one warm fleet for both doors -----------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def deploy(spec, app_name: str, registry=None, *, owned: bool) -> None:
 
     from factory.jobs.spec import resolved_num_gpus
     from factory.routing.app import replica_fingerprint
-    from factory.routing.replica import ReplicaConfig, build_replica_app
+    from factory.routing.replica import SERVE_DEFINITION_LOCK, ReplicaConfig, build_replica_app
 
     config = ReplicaConfig(
         profile=spec.profile, max_batch_size=spec.serve.max_batch_size,
@@ -190,12 +190,13 @@ def deploy(spec, app_name: str, registry=None, *, owned: bool) -> None:
         )
     if not spec.serve.gpus_on_demand:
         check_gpus(spec.profile, sizing["num_gpus"], spec.serve.replicas, _cluster_gpus())
-    app = build_replica_app(config, fingerprint=fingerprint, **sizing)
-    serve.start(http_options={"host": "127.0.0.1"})
-    # route_prefix=None: batch jobs talk to replicas through handles only. serve.run(blocking=False) would still
-    # wait, with no deadline, for the app to be RUNNING; _run(_blocking=False) returns once the deployment is
-    # registered, and wait_until_ready waits with one.
-    serve._run(app, name=app_name, route_prefix=None, _blocking=False)
+    with SERVE_DEFINITION_LOCK:  # another job in this process may be deploying too
+        app = build_replica_app(config, fingerprint=fingerprint, **sizing)
+        serve.start(http_options={"host": "127.0.0.1"})
+        # route_prefix=None: batch jobs talk to replicas through handles only. serve.run(blocking=False) would
+        # still wait, with no deadline, for the app to be RUNNING; _run(_blocking=False) returns once the
+        # deployment is registered, and wait_until_ready waits with one.
+        serve._run(app, name=app_name, route_prefix=None, _blocking=False)
     log.info("replicas deploying", app=app_name, replicas=spec.serve.replicas, profile=spec.profile)
 
 

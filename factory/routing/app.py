@@ -170,24 +170,24 @@ def build_serving_app(serving: Serving):
     from ray import serve
 
     from factory.routing.api import INGRESS_NAME, ApiIngress
-    from factory.routing.replica import build_replica_app
+    from factory.routing.replica import SERVE_DEFINITION_LOCK, build_replica_app
 
     s = serving.config.serve
-    sizing = serving.sizing()
-    replicas = build_replica_app(serving.replica_config(), fingerprint=serving.fingerprint(),
-                                 max_queued_requests=s.max_queued_requests, **sizing)
     settings = serving.config.api
-    ingress = serve.deployment(
-        ApiIngress,
-        name=INGRESS_NAME,
-        num_replicas=settings.ingress_replicas,
-        ray_actor_options={"num_cpus": 0},  # routes and validates only; the CPUs belong to the model replicas
-        max_ongoing_requests=settings.ingress_max_ongoing_requests,
-        logging_config={"enable_access_log": False, "log_level": "WARNING"},
-    )
     ingress_config = {"api": settings.model_dump(mode="json"), "defaults": serving.defaults().model_dump(),
                       "tenants": serving.tenants_data, "tenants_dir": serving.tenants_dir}
-    return ingress.bind(replicas, ingress_config)
+    with SERVE_DEFINITION_LOCK:
+        replicas = build_replica_app(serving.replica_config(), fingerprint=serving.fingerprint(),
+                                     max_queued_requests=s.max_queued_requests, **serving.sizing())
+        ingress = serve.deployment(
+            ApiIngress,
+            name=INGRESS_NAME,
+            num_replicas=settings.ingress_replicas,
+            ray_actor_options={"num_cpus": 0},  # routes and validates only; the CPUs belong to the model replicas
+            max_ongoing_requests=settings.ingress_max_ongoing_requests,
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        )
+        return ingress.bind(replicas, ingress_config)
 
 
 def build_app(args: dict[str, Any]):
@@ -220,10 +220,13 @@ def deploy_serving(serving: Serving, *, app_name: str | None = None, route_prefi
     factory.jobs.cluster.wait_until_ready for one line saying why they do not start."""
     from ray import serve
 
-    start_serve(serving)
-    target = serve.RunTarget(target=build_serving_app(serving), name=app_name or serving.config.app_name,
-                             route_prefix=route_prefix or serving.config.api.route_prefix)
-    serve.run_many([target], wait_for_applications_running=False)
+    from factory.routing.replica import SERVE_DEFINITION_LOCK
+
+    with SERVE_DEFINITION_LOCK:
+        start_serve(serving)
+        target = serve.RunTarget(target=build_serving_app(serving), name=app_name or serving.config.app_name,
+                                 route_prefix=route_prefix or serving.config.api.route_prefix)
+        serve.run_many([target], wait_for_applications_running=False)
 
 
 def _servicer_function() -> str:

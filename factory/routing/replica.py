@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from typing import Any
 
 import structlog
@@ -30,6 +31,12 @@ from factory.routing.requests import TaskResult
 from factory.safety.policy import SafetyChecker, SafetyPolicy
 
 DEPLOYMENT_NAME = "StackReplica"
+
+# Serve pickles a deployment's request router by adding its module to cloudpickle's process-wide pickle-by-value
+# registry and removing it afterwards, so two threads defining deployments at once remove each other's entry
+# (ValueError: "... is not registered for pickle by value"). Whoever defines or deploys an app in this process
+# holds this lock; re-entrant because deploying defines.
+SERVE_DEFINITION_LOCK = threading.RLock()
 
 log = structlog.get_logger(__name__)
 
@@ -192,17 +199,18 @@ def build_replica_app(
 ):
     """A bound Serve application of StackReplica with the job's sizing. `max_queued_requests` (-1: unbounded)
     makes callers' handles shed load past that many queued requests (the online API answers 503)."""
-    deployment = serve.deployment(
-        StackReplica,
-        name=DEPLOYMENT_NAME,
-        num_replicas=replicas,
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-        # Diffusion calls are long; a low bound keeps queues at the caller, where backpressure belongs.
-        max_ongoing_requests=max_ongoing_requests,
-        max_queued_requests=max_queued_requests,
-        health_check_period_s=10,
-        # One access-log line per row drowns the job's own logs; failures are logged by the job.
-        logging_config={"enable_access_log": False, "log_level": "WARNING"},
-        health_check_timeout_s=60,
-    )
-    return deployment.bind(config.model_dump(mode="json"), fingerprint)
+    with SERVE_DEFINITION_LOCK:
+        deployment = serve.deployment(
+            StackReplica,
+            name=DEPLOYMENT_NAME,
+            num_replicas=replicas,
+            ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+            # Diffusion calls are long; a low bound keeps queues at the caller, where backpressure belongs.
+            max_ongoing_requests=max_ongoing_requests,
+            max_queued_requests=max_queued_requests,
+            health_check_period_s=10,
+            # One access-log line per row drowns the job's own logs; failures are logged by the job.
+            logging_config={"enable_access_log": False, "log_level": "WARNING"},
+            health_check_timeout_s=60,
+        )
+        return deployment.bind(config.model_dump(mode="json"), fingerprint)

@@ -403,7 +403,7 @@ def variants() -> list[Variant]:
                 twin="compile regional + FP8"),
         Variant("schnell plain", model="schnell", reference=None),
         Variant("schnell compile + FP8", COMPILE_FP8, model="schnell", reference="schnell plain", aim=0.5),
-        Variant("LoRA hot-swap (compiled)", Performance(compile="regional", quantization="fp8"), path="hotswap",
+        Variant("LoRA hot-swap (compiled)", COMPILE_FP8, path="hotswap",
                 reference=None, aim=50.0),
         Variant("compile + FP8 + fused QKV", COMPILE_FP8.model_copy(update={"fuse_qkv": True}), aim=3.0),
         Variant("compile + FP8 + cuDNN attention",

@@ -114,10 +114,9 @@ class CatalogSpec(_Section):
             raise ValueError("check names must be unique")
         return value
 
-    def rows_per_product(self, default_sizes: int = 1) -> int:
+    def rows_per_product(self) -> int:
         """The most rows one product can expand into (for progress totals and shard counts)."""
-        return sum(len(region.sizes or self.sizes or [None] * default_sizes) for region in self.regions.values()) \
-            * self.variants
+        return sum(len(region.sizes or self.sizes or [None]) for region in self.regions.values()) * self.variants
 
 
 class ExpansionError(ValueError):

@@ -28,8 +28,9 @@ def load_options(profile: VLMProfile) -> dict:
 
 def bound_processor_pixels(processor, max_pixels: int | None) -> bool:
     """Give the processor the profile's pixel bound where it takes one: Qwen2-VL-style image processors bound
-    an image's pixels by `size["longest_edge"]` (what their `max_pixels` argument sets). True if it took it;
-    other processors get images resized to the bound before they see them."""
+    an image's pixels by `size["longest_edge"]` (what their `max_pixels` argument sets), so their own rounding to
+    the patch grid stays within it. True if it took it. Every image is resized to the bound before any
+    processor sees it (`_chat`), whatever this returns."""
     image_processor = getattr(processor, "image_processor", None)
     size = getattr(image_processor, "size", None)
     if max_pixels is None or image_processor is None or getattr(image_processor, "merge_size", None) is None:

@@ -145,7 +145,7 @@ class TaskExecutor:
         are never shown to another model."""
         asked: dict[ImageCheck, list[int]] = {}
         for index, request in enumerate(batch):
-            if request.checks and results[index] is not None and results[index].status is Status.OK:
+            if results[index].status is Status.OK:
                 for check in request.checks:
                     asked.setdefault(check, []).append(index)
         for check, indices in asked.items():

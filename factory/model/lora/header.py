@@ -7,12 +7,11 @@ downloading every adapter at start-up.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from factory.model.lora.safe_load import DEFAULT_MAX_HEADER_BYTES, AdapterError
+from factory.model.lora.safe_load import DEFAULT_MAX_HEADER_BYTES, AdapterError, header_json
 
 # The down-projection of a pair in every layout diffusers converts: peft `lora_A`, kohya `lora_down`,
 # ai-toolkit / XLabs `lora.down`; its first dimension is the rank.
@@ -34,13 +33,7 @@ def read_shape(uri: str, source: Any = None, max_header_bytes: int = DEFAULT_MAX
     length = int.from_bytes(head, "little")
     if length < 2 or length > max_header_bytes:
         raise AdapterError(f"{uri}: not a safetensors file (header length {length})")
-    raw = _read(uri, source, 8, 8 + length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterError(f"{uri}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise AdapterError(f"{uri}: not a safetensors file (header is not a JSON object)")
+    header = header_json(_read(uri, source, 8, 8 + length), uri)
     ranks = [
         int(entry["shape"][0]) for name, entry in header.items()
         if name != "__metadata__" and _DOWN.search(name) and isinstance(entry, dict)

@@ -162,6 +162,17 @@ def _sniff_pickle(data: bytes) -> str | None:
     return None
 
 
+def header_json(raw: bytes, uri: str) -> dict:
+    """A safetensors header's bytes as the JSON object they must be."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterError(f"{uri}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{uri}: not a safetensors file (header is not a JSON object)")
+    return header
+
+
 def check_safetensors_header(data: bytes, uri: str, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, str]:
     """Validate the safetensors framing and return the header's `__metadata__` (str -> str)."""
     sniffed = _sniff_pickle(data)
@@ -172,12 +183,7 @@ def check_safetensors_header(data: bytes, uri: str, max_header_bytes: int = DEFA
     length = int.from_bytes(data[:8], "little")
     if length < 2 or length > max_header_bytes or 8 + length > len(data):
         raise AdapterError(f"{uri}: not a safetensors file (header length {length} does not fit the file)")
-    try:
-        header = json.loads(data[8 : 8 + length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterError(f"{uri}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise AdapterError(f"{uri}: not a safetensors file (header is not a JSON object)")
+    header = header_json(data[8 : 8 + length], uri)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise AdapterError(f"{uri}: not a safetensors file (__metadata__ must map strings to strings)")
@@ -311,11 +317,12 @@ def _linear(pipe: Any, component: str, module: str, uri: str):
     model = getattr(pipe, component, None)
     if model is None:
         raise AdapterError(f"{uri}: targets {component}, which this pipeline does not have")
+    path = _module_path(model, module)
     try:
-        layer = model.get_submodule(_module_path(model, module))
+        layer = model.get_submodule(path)
     except AttributeError:
         raise AdapterError(f"{uri}: targets {component}.{module}, which this model does not have") from None
-    parent_path, _, leaf = _module_path(model, module).rpartition(".")
+    parent_path, _, leaf = path.rpartition(".")
     if leaf in _FUSABLE and getattr(model.get_submodule(parent_path), "fused_projections", False):
         # The fused attention reads to_qkv / to_added_qkv; a LoRA on the separate projection would do nothing.
         raise AdapterError(f"{uri}: targets {component}.{module}, which this profile runs fused "

@@ -243,7 +243,7 @@ def serve_api(
     from factory.routing.app import deploy_serving, load_serving
 
     _configure_logging()
-    serving = load_serving({} if config is None else None, path=config)
+    serving = load_serving(path=config)
     connect(address)
     deploy_serving(serving)
     settings, name = serving.config.api, serving.config.app_name

@@ -14,8 +14,6 @@ from factory.errors import ConfigError, ModelError
 
 log = structlog.get_logger(__name__)
 
-# What every worker of a run must see as the driver does: the model cache, log settings, and the failpoint a
-# test armed (factory.jobs.faults).
 # What a job's workers and replicas need from the driver's environment: factory's own settings, and how to reach
 # the models (FLUX.1-dev is gated: HF_TOKEN, or a mounted cache in HF_HOME with HF_HUB_OFFLINE=1). On Kubernetes
 # and the VM launcher (infra/) every node gets these from its pod spec or env file as well; forwarding them makes a
@@ -165,19 +163,10 @@ def deploy(spec, app_name: str, registry=None, *, owned: bool) -> None:
     refuse: an app the job does not own (one it names) that serves another config belongs to someone else."""
     from ray import serve
 
-    from factory.jobs.spec import resolved_num_gpus
-    from factory.routing.app import replica_fingerprint
-    from factory.routing.replica import SERVE_DEFINITION_LOCK, ReplicaConfig, build_replica_app
+    from factory.routing.app import replica_fingerprint, replica_setup
+    from factory.routing.replica import SERVE_DEFINITION_LOCK, build_replica_app
 
-    config = ReplicaConfig(
-        profile=spec.profile, max_batch_size=spec.serve.max_batch_size,
-        batch_wait_timeout_s=spec.serve.batch_wait_timeout_s, threads=max(1, int(spec.serve.num_cpus)),
-        safety=spec.safety, max_adapters=spec.serve.max_adapters, max_adapter_bytes=spec.serve.max_adapter_bytes,
-        lora_hotswap_rank=spec.serve.lora_hotswap_rank, performance=spec.performance,
-        adapters={ref.key: ref for ref in registry.adapters()} if registry is not None else {},
-    )
-    sizing = {"replicas": spec.serve.replicas, "num_cpus": spec.serve.num_cpus,
-              "num_gpus": resolved_num_gpus(spec), "max_ongoing_requests": spec.serve.max_ongoing_requests}
+    config, sizing = replica_setup(spec.profile, spec.serve, spec.safety, spec.performance, registry)
     fingerprint = replica_fingerprint(config, sizing)  # the same as a `factory serve` fleet's (joinable)
     if running_fingerprint(app_name) == fingerprint:
         # serve.run from Python restarts every replica even for an identical app; a warm one is reused.

@@ -136,7 +136,7 @@ class ErrorBudget(_Section):
 
 
 def _input_from_spec_dir(value: str, info: ValidationInfo) -> str:
-    # Per item, so an error names inputs[i] rather than the whole list.
+    # Per item, so an error names inputs[i] (or sources[i]) rather than the whole list.
     return _resolve_location(value, _spec_dir(info))
 
 
@@ -156,15 +156,11 @@ class CommitConfig(_Section):
     seconds: float = Field(default=5.0, gt=0, description="Commit at least this often while rows are waiting")
 
 
-def _archive_source_from_spec_dir(value: str, info: ValidationInfo) -> str:
-    return _resolve_location(value, _spec_dir(info))
-
-
 class ArchiveSpec(_Section):
     """Image archives to caption (`factory caption`): every image in them becomes a result row, with a caption,
     an optional answer, a safety verdict and its metadata. Decoding and resizing happen in the job's workers."""
 
-    sources: list[Annotated[str, Field(min_length=1), AfterValidator(_archive_source_from_spec_dir)]] = Field(
+    sources: list[Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)]] = Field(
         min_length=1,
         description="Local folders (recursive), s3:// prefixes, tar shards in the WebDataset layout (brace "
         "patterns such as shard-{000..009}.tar, local or s3://; .tar, .tar.gz, .tgz) and zip files; relative "
@@ -362,9 +358,7 @@ def _resolve_location(uri: str, base: str) -> str:
 
 def resolved_num_gpus(spec: JobSpec) -> float:
     """GPUs one replica reserves: serve.num_gpus when set, else one for a GPU profile and none for a CPU one."""
-    if spec.serve.num_gpus is not None:
-        return float(spec.serve.num_gpus)
-    return 1.0 if get_profile(spec.profile).wants_gpu else 0.0
+    return get_profile(spec.profile).replica_gpus(spec.serve.num_gpus)
 
 
 # ---- loading -----------------------------------------------------------------------------------------

@@ -89,6 +89,13 @@ class Profile(BaseModel):
         slower."""
         return self.generator.device != "cpu" or self.vlm.device != "cpu"
 
+    def replica_gpus(self, num_gpus: float | None) -> float:
+        """GPUs one replica reserves: `num_gpus` (a job's or fleet's serve.num_gpus) when set, else one for a GPU
+        profile and none for a CPU one."""
+        if num_gpus is not None:
+            return float(num_gpus)
+        return 1.0 if self.wants_gpu else 0.0
+
 
 # Published: FLUX.1-dev, 28 steps at 1024x1024 (1.05 MP), plain diffusers bf16 on one H100: 6.7 s per image
 # (PyTorch blog "torch.compile and Diffusers"); the 4-step schnell has the same transformer, so the same cost

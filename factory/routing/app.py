@@ -6,8 +6,9 @@ One builder serves every way of starting it: `factory serve --config FILE`, `ser
 
 A serving config has a job spec's model sections, so a batch job can join the same warm fleet: a job that names
 ``serve.app_name: <app_name>`` and has the same `profile`, `serve` sizing, `safety`, `performance` and tenants
-registry computes the same replica fingerprint (`replica_fingerprint`, shared with factory.jobs.cluster.deploy)
-and reuses these replicas; with any of them different it is refused, and never redeploys the app::
+registry computes the same replica fingerprint (`replica_setup` and `replica_fingerprint`, shared with
+factory.jobs.cluster.deploy) and reuses these replicas; with any of them different it is refused, and never
+redeploys the app::
 
     app_name: factory-api
     profile: tiny
@@ -35,6 +36,7 @@ from factory.errors import ConfigError, one_line, validation_problems
 from factory.model.performance import Performance
 from factory.model.profiles import get_profile
 from factory.routing.api_models import ApiSettings
+from factory.routing.local import profile_defaults
 from factory.routing.parser import GenerationDefaults
 from factory.routing.replica import ReplicaConfig
 from factory.routing.tenants import TenantRegistry
@@ -46,6 +48,21 @@ DEFAULT_APP_NAME = "factory-api"
 def replica_fingerprint(config: ReplicaConfig, sizing: dict[str, Any]) -> str:
     """What identifies a running replica fleet: its config and sizing. A job joins an app only when equal."""
     return hashlib.sha256(json.dumps([config.model_dump(mode="json"), sizing], sort_keys=True).encode()).hexdigest()
+
+
+def replica_setup(profile: str, serve: Any, safety: SafetyPolicy, performance: dict[str, Any] | None,
+                  registry: TenantRegistry | None) -> tuple[ReplicaConfig, dict[str, Any]]:
+    """The replicas' config and sizing from a job spec's or a serving config's sections (`serve` is either's
+    `serve:`). Both build them here, so a job with a fleet's sections computes its fingerprint and can join it."""
+    config = ReplicaConfig(
+        profile=profile, max_batch_size=serve.max_batch_size, batch_wait_timeout_s=serve.batch_wait_timeout_s,
+        threads=max(1, int(serve.num_cpus)), safety=safety, max_adapters=serve.max_adapters,
+        max_adapter_bytes=serve.max_adapter_bytes, lora_hotswap_rank=serve.lora_hotswap_rank, performance=performance,
+        adapters={ref.key: ref for ref in registry.adapters()} if registry is not None else {},
+    )
+    sizing = {"replicas": serve.replicas, "num_cpus": serve.num_cpus,
+              "num_gpus": get_profile(profile).replica_gpus(serve.num_gpus), "max_ongoing_requests": serve.max_ongoing_requests}
+    return config, sizing
 
 
 class FleetSizing(BaseModel):
@@ -101,30 +118,18 @@ class Serving(BaseModel):
     tenants_data: dict | None
     tenants_dir: str | None
 
-    def replica_config(self) -> ReplicaConfig:
-        s = self.config.serve
-        return ReplicaConfig(
-            profile=self.config.profile, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
-            threads=max(1, int(s.num_cpus)), safety=self.config.safety, max_adapters=s.max_adapters,
-            max_adapter_bytes=s.max_adapter_bytes, lora_hotswap_rank=s.lora_hotswap_rank,
-            performance=self.config.performance,
-            adapters={ref.key: ref for ref in self.registry.adapters()} if self.registry is not None else {},
-        )
+    def replica_setup(self) -> tuple[ReplicaConfig, dict[str, Any]]:
+        c = self.config
+        return replica_setup(c.profile, c.serve, c.safety, c.performance, self.registry)
 
     def sizing(self) -> dict[str, Any]:
-        """As a job's deploy computes it (factory.jobs.cluster.deploy), so the fingerprints agree."""
-        s = self.config.serve
-        profile = get_profile(self.config.profile)
-        gpus = s.num_gpus if s.num_gpus is not None else (1.0 if profile.wants_gpu else 0.0)
-        return {"replicas": s.replicas, "num_cpus": s.num_cpus, "num_gpus": float(gpus),
-                "max_ongoing_requests": s.max_ongoing_requests}
+        return self.replica_setup()[1]
 
     def fingerprint(self) -> str:
-        return replica_fingerprint(self.replica_config(), self.sizing())
+        return replica_fingerprint(*self.replica_setup())
 
     def defaults(self) -> GenerationDefaults:
-        g = get_profile(self.config.profile).generator
-        base = {"steps": g.steps, "width": g.width, "height": g.height, "guidance": g.guidance}
+        base = profile_defaults(get_profile(self.config.profile)).model_dump()
         return GenerationDefaults(**(base | self.config.api.defaults.model_dump(exclude_none=True)))
 
 
@@ -177,8 +182,9 @@ def build_serving_app(serving: Serving):
     ingress_config = {"api": settings.model_dump(mode="json"), "defaults": serving.defaults().model_dump(),
                       "tenants": serving.tenants_data, "tenants_dir": serving.tenants_dir}
     with SERVE_DEFINITION_LOCK:
-        replicas = build_replica_app(serving.replica_config(), fingerprint=serving.fingerprint(),
-                                     max_queued_requests=s.max_queued_requests, **serving.sizing())
+        config, sizing = serving.replica_setup()
+        replicas = build_replica_app(config, fingerprint=replica_fingerprint(config, sizing),
+                                     max_queued_requests=s.max_queued_requests, **sizing)
         ingress = serve.deployment(
             ApiIngress,
             name=INGRESS_NAME,

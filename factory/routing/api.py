@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from factory.errors import InputError, StorageUnavailable, validation_problems
+from factory.errors import InputError, StorageUnavailable, one_line, validation_problems
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
 from factory.routing.api_models import (
@@ -79,13 +79,8 @@ def problems_error(error: ValidationError | RequestValidationError, status: int 
 
     found = validation_problems(_Shim())  # type: ignore[arg-type]
     first = found[0] if found else None
-    message = "; ".join(str(p) for p in found[:3]) or "invalid request"
-    if len(found) > 3:
-        message += f" (and {len(found) - 3} more)"
     field = (first.field or "body") if first is not None else "body"
-    if first is not None and first.reason == "required" and not first.field:
-        field = "body"
-    return ApiError(status, "invalid_request", message, field)
+    return ApiError(status, "invalid_request", one_line(found) or "invalid request", field)
 
 
 api = FastAPI(
@@ -276,7 +271,7 @@ class ApiIngress:
         return pb.ReadyResponse(ready=ready, message=text)
 
     async def _grpc(self, body_type: type[_Body], message, grpc_context):
-        from factory.routing.grpc_service import body_from_message, response_message
+        from factory.routing.grpc_service import body_from_message
 
         from factory.routing.proto import factory_api_pb2 as pb
 
@@ -292,8 +287,7 @@ class ApiIngress:
                 body = body_type.model_validate(fields)
             except ValidationError as error:
                 raise problems_error(error) from None
-            response = await self.run(tenant, body, raw_image=raw_image)
-            return response_message(response)
+            return await self.run(tenant, body, raw_image=raw_image, grpc=True)
         except ApiError as error:
             if grpc_context is not None:
                 _set_grpc_error(grpc_context, error)
@@ -330,7 +324,7 @@ class ApiIngress:
         self.ready = True
         return True, "ready"
 
-    async def run(self, tenant: str, body: _Body, raw_image: bytes | None = None) -> TaskResponse:
+    async def run(self, tenant: str, body: _Body, raw_image: bytes | None = None, grpc: bool = False):
         limit = self.settings.in_flight_limit(tenant)
         if self.in_flight.get(tenant, 0) >= limit:
             raise ApiError(429, "too_many_requests", f"tenant {tenant!r} already has {limit} requests in flight",
@@ -347,7 +341,7 @@ class ApiIngress:
             request = self.request_of(tenant, body, raw_image)
             image = await self.input_image(request, body, raw_image)
             result = await self.call(request, image)
-            return await self.respond(result, body.output)
+            return await self.respond(result, body.output, grpc)
         finally:
             self.in_flight[tenant] -= 1
             if not self.in_flight[tenant]:
@@ -383,8 +377,7 @@ class ApiIngress:
                 raise ApiError(404, "adapter_not_found", str(error), "adapter") from None
             if error.field == "tenant":
                 raise ApiError(403, "forbidden", str(error), "tenant") from None
-            field = "image" if error.field == "image" else error.field
-            raise ApiError(400, "invalid_request", str(error), field) from None
+            raise ApiError(400, "invalid_request", str(error), error.field) from None
         return request
 
     def check_limits(self, request: TaskRequest) -> None:
@@ -461,7 +454,8 @@ class ApiIngress:
             log.error("replica call failed", error=repr(error)[:2000])
             raise ApiError(500, "replica_error", f"the model call failed ({cause})") from None
 
-    async def respond(self, result: TaskResult, output: str) -> TaskResponse:
+    async def respond(self, result: TaskResult, output: str, grpc: bool = False):
+        """A `TaskResponse` (the PNG in base64) or, for `grpc`, the protobuf message with the PNG's own bytes."""
         if result.status is Status.REJECTED:
             message = result.error or "rejected"
             field = message.split(":", 1)[0] if ":" in message else None
@@ -472,18 +466,26 @@ class ApiIngress:
             raise ApiError(500, "adapter_unusable", message, "adapter")
         if result.status is Status.FAILED:
             raise ApiError(500, "model_failed", f"the model call failed: {(result.error or '')[:300]}")
-        image_b64 = image_uri = None
+        image_b64 = image_uri = png = None
         if result.status is Status.OK and result.image_png is not None:
             if output == "uri":
                 image_uri = await self.store(result)
+            elif grpc:
+                png = result.image_png
             else:
                 image_b64 = base64.b64encode(result.image_png).decode("ascii")
-        return response_of(result, image_base64=image_b64, image_uri=image_uri)
+        response = response_of(result, image_base64=image_b64, image_uri=image_uri)
+        if not grpc:
+            return response
+        from factory.routing.grpc_service import response_message
+
+        message = response_message(response)
+        if png is not None:
+            message.image = png
+        return message
 
     async def store(self, result: TaskResult) -> str:
-        if self.settings.output_prefix is None:
-            raise ApiError(400, "invalid_request", "output: this server has no output prefix; use output: base64",
-                           "output")
+        assert self.settings.output_prefix is not None  # run() refuses output "uri" without one
         uri = OutputLayout(self.settings.output_prefix).image(result.tenant, result.id)
         try:
             await asyncio.to_thread(self.storage.write_bytes, uri, result.image_png)

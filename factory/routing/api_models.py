@@ -14,11 +14,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from factory.routing.auth import ApiKey
-from factory.routing.requests import MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE, TaskResult
+from factory.routing.requests import (
+    _CONTROL_CHARACTER, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE, NAME_PATTERN, TaskResult,
+)
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_NAME = f"^{NAME_PATTERN.pattern}$"
 # An adapter is a name of the caller's tenant; `tenant/name` is accepted too, and another tenant's is refused.
-_ADAPTER = r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_ADAPTER = f"^(?:{NAME_PATTERN.pattern}/)?{NAME_PATTERN.pattern}$"
 _BASE64 = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
 
 Output = Literal["base64", "uri"]
@@ -41,7 +43,7 @@ class _Body(BaseModel):
     @field_validator("id")
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
-        if value is not None and re.search(r"[\x00-\x1f\x7f]", value):
+        if value is not None and _CONTROL_CHARACTER.search(value):
             raise ValueError("must not contain control characters")
         return value
 

@@ -296,23 +296,16 @@ class ArchiveCaller(ChunkCaller):
     """Ray Data actor UDF: one archive chunk per call; reads, decodes, sends batches, commits. See the module
     docstring. The replica calls, retries, commits and reports are the engine's (`ChunkCaller`)."""
 
+    chunk_model = ArchiveChunk
+
     def __init__(self, ctx: CallContext, work: ArchiveWork):
         super().__init__(ctx)
         self.work = work
         self.archive = work.archive
 
-    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._limit is None:
-            self._limit = asyncio.Semaphore(max(1, -(-self.ctx.in_flight // self.ctx.batch_size)))
-        out = []
-        for text in batch["chunk"]:
-            stats = await self.run_archive_chunk(ArchiveChunk.model_validate_json(text))
-            out.append(stats.model_dump_json())
-        return {"stats": np.array(out, dtype=object)}
-
     # ---- one chunk ----
 
-    async def run_archive_chunk(self, chunk: ArchiveChunk) -> ChunkStats:
+    async def run_chunk(self, chunk: ArchiveChunk) -> ChunkStats:  # type: ignore[override]
         storage, layout = self.ctx.chunks.storage, self.ctx.chunks.layout
         committed_table = await asyncio.to_thread(self._prepare, chunk)
         committed = set(committed_table["id"].to_pylist())
@@ -606,7 +599,9 @@ def run_archive_job(spec: JobSpec, run_id: str | None = None, address: str | Non
     import ray
 
     from factory.jobs.cluster import connect, default_app_name, deploy, release, wait_until_ready
-    from factory.jobs.runs import budget_stop, chunk_states, generation_defaults, start_tally, worker_failure
+    from factory.jobs.runs import (
+        budget_stop, chunk_finished, chunk_states, generation_defaults, read_markers, start_tally, worker_failure,
+    )
     from factory.model.profiles import get_profile
 
     assert spec.archive is not None
@@ -625,21 +620,17 @@ def run_archive_job(spec: JobSpec, run_id: str | None = None, address: str | Non
     if storage.exists(layout.success):
         storage.delete(layout.success)
 
-    def finished(chunk_id: str) -> bool:
-        names = states.get(chunk_id, set())
-        return DONE in names or (DONE_WITH_FAILURES in names and not retry_failed)
-
     items: list[dict] = []
     known_pending = 0
     for index, source in enumerate(sources):
         if source.kind in ("tar", "file"):
             chunk = archive_chunk(index, source)
-            if not finished(chunk.id):
+            if not chunk_finished(states.get(chunk.id, set()), retry_failed):
                 items.append({"chunk": chunk.model_dump_json()})
             continue
         planned = saved.chunks.get(index, [])
         for chunk in planned:
-            if not finished(chunk.id):
+            if not chunk_finished(states.get(chunk.id, set()), retry_failed):
                 items.append({"chunk": chunk.model_dump_json()})
                 known_pending += chunk.objects
         if index not in saved.listed:
@@ -709,9 +700,12 @@ def run_archive_job(spec: JobSpec, run_id: str | None = None, address: str | Non
             release(app_name)
 
     counts, _ = ray.get(tally.snapshot.remote())
-    all_chunks = _all_chunks(storage, layout, sources)
-    markers = _markers(storage, layout, all_chunks, fresh)
-    problems = _unlisted(storage, layout, run_id, sources)
+    # Read again: the run planned the chunks of the sources it listed.
+    saved = read_plan(storage, layout)
+    # Every chunk is fresh or was skipped as finished, so `states` (listed at the start) names its marker.
+    markers = read_markers(storage, layout, [(chunk.id, chunk.uri) for chunk in _all_chunks(saved, sources)],
+                           states, fresh)
+    problems = _unlisted(storage, layout, run_id, sources, saved)
     summary = summarize_run(markers, job=spec.name, run_id=run_id, output=layout.root, plan_rejects=problems,
                             rows_read=counts.get("rows_read", 0), rows_read_again=0,
                             wall_seconds=time.monotonic() - started)
@@ -721,8 +715,7 @@ def run_archive_job(spec: JobSpec, run_id: str | None = None, address: str | Non
     return summary
 
 
-def _all_chunks(storage: Storage, layout: OutputLayout, sources: list[ArchiveSource]) -> list[ArchiveChunk]:
-    saved = read_plan(storage, layout)
+def _all_chunks(saved: SavedPlan, sources: list[ArchiveSource]) -> list[ArchiveChunk]:
     chunks = []
     for index, source in enumerate(sources):
         if source.kind in ("tar", "file"):
@@ -732,25 +725,10 @@ def _all_chunks(storage: Storage, layout: OutputLayout, sources: list[ArchiveSou
     return chunks
 
 
-def _markers(storage: Storage, layout: OutputLayout, chunks: list[ArchiveChunk],
-             fresh: dict[str, ChunkStats]) -> list[ChunkStats]:
-    def read(chunk: ArchiveChunk) -> ChunkStats:
-        if chunk.id in fresh:
-            return fresh[chunk.id]
-        for name in (DONE, DONE_WITH_FAILURES):
-            uri = layout.chunk_file(chunk.id, name)
-            if storage.exists(uri):
-                return ChunkStats.model_validate_json(storage.read_bytes(uri))
-        raise FactoryError(f"chunk {chunk.id} of {chunk.uri} has no marker: the run did not finish it")
-
-    with ThreadPoolExecutor(PLAN_READERS) as pool:
-        return list(pool.map(read, chunks))
-
-
-def _unlisted(storage: Storage, layout: OutputLayout, run_id: str, sources: list[ArchiveSource]) -> int:
+def _unlisted(storage: Storage, layout: OutputLayout, run_id: str, sources: list[ArchiveSource],
+              saved: SavedPlan) -> int:
     """Sources that listed nothing at all (an empty folder or prefix): one reject each, in rejects/, so a typo'd
     prefix is visible in the output and not only as a zero in the summary."""
-    saved = read_plan(storage, layout)
     rejects = []
     for index, source in enumerate(sources):
         if source.kind in ("folder", "prefix") and not saved.chunks.get(index):

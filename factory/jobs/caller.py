@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
+from pydantic import BaseModel
 
 from factory.errors import FactoryError, InputError, StorageUnavailable
 from factory.io.images import fetch_bytes
@@ -131,6 +132,9 @@ def ordered_by_adapter(requests: list[tuple[int, TaskRequest]], window: int | No
 class ChunkCaller:
     """Ray Data actor UDF: one chunk per call; see the module docstring."""
 
+    # A caller of another kind of chunk (archives) names its model here and overrides `run_chunk`.
+    chunk_model: type[BaseModel] = Chunk
+
     def __init__(self, ctx: CallContext):
         from ray import serve
 
@@ -151,7 +155,7 @@ class ChunkCaller:
             self._limit = asyncio.Semaphore(max(1, -(-self.ctx.in_flight // self.ctx.batch_size)))
         out = []
         for text in batch["chunk"]:
-            stats = await self.run_chunk(Chunk.model_validate_json(text))
+            stats = await self.run_chunk(self.chunk_model.model_validate_json(text))
             out.append(stats.model_dump_json())
         return {"stats": np.array(out, dtype=object)}
 

@@ -21,9 +21,7 @@ import structlog
 from factory.errors import FactoryError
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.commit import (
-    DONE, DONE_WITH_FAILURES, REJECT_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_once,
-)
+from factory.jobs.commit import REJECT_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_once
 from factory.jobs.durable import check_durable_output
 from factory.jobs.dedup import DedupIndex, find_duplicates, shard_count
 from factory.jobs.manifests import expand_manifest_uris
@@ -31,7 +29,10 @@ from factory.jobs.plan import Chunk, ChunkPlan, load_or_build_plan
 from factory.jobs.progress import Progress
 from factory.jobs.reuse import reuse_context
 from factory.jobs.runs import JobAborted  # noqa: F401 - callers catch it from here, next to run_job
-from factory.jobs.runs import budget_stop, chunk_states, generation_defaults, output_root, start_tally, worker_failure
+from factory.jobs.runs import (
+    MARKER_READERS, budget_stop, chunk_finished, chunk_states, generation_defaults, output_root, read_markers,
+    start_tally, worker_failure,
+)
 from factory.jobs.spec import JobSpec
 from factory.jobs.summary import (
     ChunkStats, ChunkValidation, RunSummary, ValidationSummary, summarize_run,
@@ -43,7 +44,6 @@ log = structlog.get_logger(__name__)
 
 # Reading and validating is CPU work; half a CPU each lets two chunks share a core with the I/O waits.
 VALIDATE_CPUS = 0.5
-MARKER_READERS = 16
 DUPLICATE_CHUNKS_PER_TASK = 16
 
 
@@ -205,7 +205,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
     replica_start = 0.0
     try:
         index = ensure_validated(run, tally, progress)
-        pending = [chunk for chunk in run.plan.chunks if not _finished(run.states.get(chunk.id, set()), retry_failed)]
+        pending = [chunk for chunk in run.plan.chunks
+                   if not chunk_finished(run.states.get(chunk.id, set()), retry_failed)]
         run.log.info("run starting", chunks=len(run.plan.chunks), pending=len(pending), output=run.layout.root)
         if pending:
             deploying = time.monotonic()
@@ -245,7 +246,8 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
             release(app_name)
 
     counts, _ = ray.get(tally.snapshot.remote())
-    markers = _read_markers(run, fresh)
+    markers = read_markers(run.storage, run.layout, [(chunk.id, chunk.source) for chunk in run.plan.chunks],
+                           run.states, fresh)
     summary = summarize_run(
         markers, job=spec.name, run_id=run.run_id, output=run.layout.root,
         plan_rejects=len(run.plan.problems), rows_read=counts.get("rows_read", 0),
@@ -256,24 +258,6 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
     run.storage.write_bytes(run.layout.success, b"")
     run.log.info("run finished", **summary.by_status)
     return summary
-
-
-def _finished(states: set[str], retry_failed: bool) -> bool:
-    return DONE in states or (DONE_WITH_FAILURES in states and not retry_failed)
-
-
-def _read_markers(run: Run, fresh: dict[str, ChunkStats]) -> list[ChunkStats]:
-    """Every chunk's marker: this attempt's from the workers' output, earlier attempts' from storage."""
-    def read(chunk: Chunk) -> ChunkStats:
-        if chunk.id in fresh:
-            return fresh[chunk.id]
-        for name in (DONE, DONE_WITH_FAILURES):
-            if name in run.states.get(chunk.id, ()):
-                return ChunkStats.model_validate_json(run.storage.read_bytes(run.layout.chunk_file(chunk.id, name)))
-        raise FactoryError(f"chunk {chunk.id} of {chunk.source} has no marker: the run did not finish it")
-
-    with ThreadPoolExecutor(MARKER_READERS) as pool:
-        return list(pool.map(read, run.plan.chunks))
 
 
 # ---- factory validate -------------------------------------------------------------------------------------

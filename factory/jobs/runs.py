@@ -3,11 +3,18 @@ tally actor that counts its rows, and the error that stops it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
 from factory.errors import FactoryError
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage, join
+from factory.jobs.commit import DONE, DONE_WITH_FAILURES
 from factory.jobs.spec import JobSpec
+from factory.jobs.summary import ChunkStats
 from factory.routing.parser import GenerationDefaults
+
+MARKER_READERS = 16
 
 
 class JobAborted(FactoryError):
@@ -39,6 +46,29 @@ def chunk_states(storage: Storage, layout: OutputLayout) -> dict[str, set[str]]:
         if name:
             states.setdefault(chunk, set()).add(name)
     return states
+
+
+def chunk_finished(names: set[str], retry_failed: bool) -> bool:
+    """Whether a chunk whose `_chunks/<chunk>/` holds `names` needs no work this attempt."""
+    return DONE in names or (DONE_WITH_FAILURES in names and not retry_failed)
+
+
+def read_markers(storage: Storage, layout: OutputLayout, chunks: Sequence[tuple[str, str]],
+                 states: dict[str, set[str]], fresh: dict[str, ChunkStats]) -> list[ChunkStats]:
+    """Every chunk's marker, for `chunks` as (chunk id, its source as the error names it): this attempt's from
+    the workers' output, earlier attempts' from storage. A chunk not finished this attempt was skipped as
+    finished, so the start-of-run `states` already say which marker it has: no lookup per chunk."""
+    def read(chunk: tuple[str, str]) -> ChunkStats:
+        chunk_id, source = chunk
+        if chunk_id in fresh:
+            return fresh[chunk_id]
+        for name in (DONE, DONE_WITH_FAILURES):
+            if name in states.get(chunk_id, ()):
+                return ChunkStats.model_validate_json(storage.read_bytes(layout.chunk_file(chunk_id, name)))
+        raise FactoryError(f"chunk {chunk_id} of {source} has no marker: the run did not finish it")
+
+    with ThreadPoolExecutor(MARKER_READERS) as pool:
+        return list(pool.map(read, chunks))
 
 
 def start_tally(spec: JobSpec | None):

@@ -30,8 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from factory.errors import ConfigError, InputError, StorageUnavailable
-from factory.io.storage import Storage, _s3_error, is_s3, local_path, split_s3
+from factory.errors import ConfigError, InputError
+from factory.io.storage import S3_SCHEME, Storage, is_s3, local_path, split_s3
 
 SourceKind = Literal["folder", "prefix", "tar", "zip", "file"]
 
@@ -118,13 +118,7 @@ def resolve_sources(uris: list[str], storage: Storage) -> list[ArchiveSource]:
                 sources.extend(_classify(path, storage, patterned=True) for path in matched)
             else:
                 sources.append(_classify(name, storage, patterned=patterned))
-    seen: set[tuple[str, str]] = set()
-    unique = []
-    for source in sources:
-        if (source.kind, source.uri) not in seen:
-            seen.add((source.kind, source.uri))
-            unique.append(source)
-    return unique
+    return list(dict.fromkeys(sources))  # a source named twice is listed once, where it first appears
 
 
 def _classify(uri: str, storage: Storage, patterned: bool) -> ArchiveSource:
@@ -216,19 +210,9 @@ def list_prefix(storage: Storage, prefix_uri: str, after: str | None = None) -> 
     bucket, prefix = split_s3(prefix_uri)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
-    options = {"Bucket": bucket, "Prefix": prefix}
-    if after is not None:
-        options["StartAfter"] = prefix + after
-    try:
-        for page in storage.s3.get_paginator("list_objects_v2").paginate(**options):
-            for obj in page.get("Contents", ()):
-                key = obj["Key"]
-                if not key.endswith("/"):  # folder markers made by consoles
-                    yield key[len(prefix):]
-    except (InputError, StorageUnavailable):
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise _s3_error(prefix_uri, exc) from exc
+    base = len(f"{S3_SCHEME}{bucket}/{prefix}")
+    for uri in storage._list_s3(prefix_uri, lambda _: True, after=after):
+        yield uri[base:]
 
 
 def zip_member_count(storage: Storage, uri: str) -> int:

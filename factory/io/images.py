@@ -84,6 +84,17 @@ def _open_image(data: bytes, source: str) -> Image.Image:
         raise InputError(f"{source}: corrupt image header ({exc})") from exc
 
 
+def _open_within(data: bytes, source: str, max_pixels: int) -> Image.Image:
+    """`_open_image`, refusing an image whose header claims no pixels or more than `max_pixels`."""
+    img = _open_image(data, source)
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise InputError(f"{source}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(f"{source}: image too large: {width}x{height} pixels, limit is {max_pixels}")
+    return img
+
+
 def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `data` into an RGB image, refusing non-images, corrupt or truncated files and decompression bombs.
 
@@ -91,13 +102,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS)
     claim gigabytes of pixels. Pillow's own guard (an error only past 2 x MAX_IMAGE_PIXELS, ~179 M) is
     too loose to rely on.
     """
-    img = _open_image(data, source)
-
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise InputError(f"{source}: image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise InputError(f"{source}: image too large: {width}x{height} pixels, limit is {max_pixels}")
+    img = _open_within(data, source, max_pixels)
 
     try:
         img.load()
@@ -326,13 +331,9 @@ def prepare_image(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIX
     """Decode archive bytes by the rules above; `budget_pixels` bounds what the model will get."""
     if not data:
         raise InputError(f"{source}: empty file (0 bytes)")
-    img = _open_image(data, source)
+    img = _open_within(data, source, max_pixels)
     fmt = img.format or "unknown"
     width, height = img.size
-    if width <= 0 or height <= 0:
-        raise InputError(f"{source}: image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise InputError(f"{source}: image too large: {width}x{height} pixels, limit is {max_pixels}")
     if img.mode == "F":
         raise InputError(f"{source}: 32-bit float pixels are not supported (no 8-bit rule for them)")
     rules: list[str] = []

@@ -362,12 +362,14 @@ class Storage:
             raise _local_error(folder, exc) from exc
         yield from (os.path.join(folder, name) for name in names)
 
-    def _list_s3(self, prefix_uri: str, keep: Any, folder: bool = True) -> Iterator[str]:
+    def _list_s3(self, prefix_uri: str, keep: Any, folder: bool = True, after: str | None = None) -> Iterator[str]:
+        """`after`: a key relative to the prefix; only keys after it are listed (a resumed listing)."""
         bucket, prefix = split_s3(prefix_uri)
         if folder and prefix and not prefix.endswith("/"):
             prefix += "/"
+        start = {} if after is None else {"StartAfter": prefix + after}
         try:
-            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **start)
             for page in pages:
                 for obj in page.get("Contents", ()):
                     key = obj["Key"]

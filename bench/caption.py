@@ -6,6 +6,7 @@ sizes, and the seconds from start to the first committed caption on a 100,000-ob
     python bench/caption.py throughput --images 400 --repeats 3
     python bench/caption.py memory --images 1000 10000
     python bench/caption.py first --images 100000
+    python bench/caption.py all --smoke        # the smallest sizes: does every part still run (seconds per run)
 
 Throughput, alternating, medians:
 - bare: this process, no Ray: for each batch of the replica's batch size, read the files, decode them, and run the
@@ -13,6 +14,10 @@ Throughput, alternating, medians:
   the loop one writes with transformers and Pillow, decoding in line with inference.
 - factory: `factory caption` on the folder (archive job: Ray Data workers list, read, decode and resize in threads
   that run ahead of the model; one warm Serve replica runs the same runner; parts committed by the workers).
+  Every run, the warm-up included, writes to an output folder of its own: its duplicate claims
+  (`_dedup/<sha>`), chunk markers and plan are its own, so no timed row is resumed or linked to another run's.
+  Each prints a `WORK` line with the rows its summary says reached the replica; no ratio is printed (exit
+  code 2) when a timed run sent fewer or more images to the model than the folder holds.
 The images are real photographs from scikit-image, enlarged to phone-camera size (2048x1536 JPEG) and varied, so
 decoding is real work, as it is for a photo library.
 Memory: each size in a fresh process, the peak of RSS summed over the driver and every Ray process it started.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import struct
@@ -33,12 +39,16 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import Work, WorkLog, add_ray_arguments, join_or_start_ray, run_work  # noqa: E402
+
 BATCH = 4
+SMOKE = {"photos": 4, "memory": [8, 16], "first": 2000}
 
 
 def write_photos(folder: Path, count: int, size: tuple[int, int] = (2048, 1536)) -> None:
@@ -93,7 +103,7 @@ def runner_for(spec, threads: int):
     return build_runner(config, ModelStack.from_profile(spec.profile))
 
 
-def bare_loop(folder: Path, runner) -> float:
+def bare_loop(folder: Path, runner, label: str = "bare") -> tuple[float, Work]:
     from factory.routing.batch import ReplicaCall
     from factory.routing.requests import Task, TaskRequest
 
@@ -105,83 +115,98 @@ def bare_loop(folder: Path, runner) -> float:
                              image_bytes=p.read_bytes()) for p in paths[start:start + BATCH]]
         rows.extend(result.caption for result in runner.run(calls))
     assert all(rows)
-    return len(paths) / (time.perf_counter() - started)
+    return len(paths) / (time.perf_counter() - started), Work(label, len(paths), len(rows))
 
 
-def factory_run(spec, run_id: str) -> float:
+def factory_run(spec, run_id: str, images: int) -> tuple[float, Work]:
     from factory.jobs.pipeline import run_job
 
     started = time.perf_counter()
     summary = run_job(spec, run_id=run_id, show_progress=False)
+    seconds = time.perf_counter() - started
     assert summary.by_status.get("ok", 0) == summary.rows, summary.by_status
-    return summary.rows / (time.perf_counter() - started)
+    return summary.rows / seconds, run_work(f"factory {run_id}", images, summary)
 
 
-def throughput(images: int, repeats: int) -> dict:
+def throughput(images: int, repeats: int, cpus: float, address: str | None, work_log: WorkLog) -> dict:
     import ray
 
-    from factory.jobs.cluster import connect, default_app_name
+    from factory.jobs.cluster import default_app_name
 
-    cpus = os.cpu_count() or 1
-    ray.init(num_cpus=2 * cpus + 2, include_dashboard=False, logging_level="WARNING")
-    connect()
+    threads = max(1, int(cpus))  # the replica's torch threads for `cpus` (factory.routing.app.replica_setup)
+    join_or_start_ray(address, math.ceil(2 * cpus + 2))
     work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
     folder = work / "photos"
     write_photos(folder, images)
-    spec = make_spec(folder, work / "out", cpus=float(cpus))
-    runner = runner_for(spec, cpus)
+
+    def spec_for(run_id: str):
+        """The caption job, writing to a folder of its own: no claims, markers or plan shared with another run."""
+        return make_spec(folder, work / f"out-{run_id}", cpus=cpus)
+
+    warm_spec = spec_for("warmup")
+    runner = runner_for(warm_spec, threads)
     bare_loop(folder, runner)  # warm
-    factory_run(spec, "warmup")  # deploys the replica and keeps it; not timed
+    _, warm = factory_run(warm_spec, "warmup", images)  # deploys the replica and keeps it; not timed
+    print(f"  warm-up (not timed): {warm.line()}", flush=True)
     figures: dict[str, list[float]] = {"bare": [], "factory": []}
     for repeat in range(repeats):
-        figures["bare"].append(bare_loop(folder, runner))
-        figures["factory"].append(factory_run(spec, f"timed{repeat}"))
-        print(f"  repeat {repeat}: bare {figures['bare'][-1]:.2f}, factory {figures['factory'][-1]:.2f} images/s",
-              flush=True)
+        bare, bare_work = bare_loop(folder, runner, f"bare {repeat}")
+        figures["bare"].append(bare)
+        rate, factory_work = factory_run(spec_for(f"timed{repeat}"), f"timed{repeat}", images)
+        figures["factory"].append(rate)
+        print(f"  repeat {repeat}: bare {bare:.2f} ({bare_work.brief()}), factory {rate:.2f} "
+              f"({factory_work.brief()}) images/s", flush=True)
+        work_log.add(bare_work)
+        work_log.add(factory_work)
     from ray import serve
 
-    serve.delete(default_app_name(spec.name))
+    serve.delete(default_app_name(warm_spec.name))
     ray.shutdown()
-    result = {"images": images, "threads": cpus,
+    result = {"images": images, "threads": threads,
               **{f"{key}_images_per_s": round(statistics.median(v), 2) for key, v in figures.items()}}
     result["factory_vs_bare"] = round(result["factory_images_per_s"] / result["bare_images_per_s"], 3)
     return result
 
 
-def memory_child(images: int) -> None:
+def memory_child(images: int, cpus: float, address: str | None) -> None:
     import ray
 
     from bench.common import PeakTreeRss
     from factory.jobs.cluster import connect
     from factory.jobs.pipeline import run_job
 
-    connect()
+    connect(address)
     work = Path(tempfile.mkdtemp(prefix="bench-caption-memory-"))
     write_tiny_bmps(work / "imgs", images)
-    spec = make_spec(work / "imgs", work / "out", cpus=float(os.cpu_count() or 1), keep_warm=False,
-                     chunk_objects=500)
+    spec = make_spec(work / "imgs", work / "out", cpus=cpus, keep_warm=False, chunk_objects=500)
     started = time.perf_counter()
     with PeakTreeRss() as peak:
         summary = run_job(spec, run_id="memory", show_progress=False)
     print(json.dumps({"images": summary.rows, "ok": summary.by_status.get("ok", 0),
-                      "seconds": round(time.perf_counter() - started, 1), "peak_tree_rss_mb": round(peak.peak / 2**20)}))
+                      "seconds": round(time.perf_counter() - started, 1), "peak_tree_rss_mb": round(peak.peak / 2**20),
+                      "work": asdict(run_work(f"memory {images}", images, summary))}))
     ray.shutdown()
 
 
-def memory(sizes: list[int]) -> list[dict]:
+def memory(sizes: list[int], cpus: float, address: str | None, work_log: WorkLog) -> list[dict]:
     results = []
     for images in sizes:
-        done = subprocess.run([sys.executable, __file__, "memory-child", "--images", str(images)],
-                              capture_output=True, text=True, check=True)
+        command = [sys.executable, __file__, "memory-child", "--images", str(images), "--cpus", str(cpus),
+                   *(["--address", address] if address else [])]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"memory run of {images} images failed: {done.stderr[-2000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        work_log.add(Work(**results[-1].pop("work")))
         print(f"  {results[-1]}", flush=True)
     return results
 
 
-def first_caption(objects: int) -> dict:
+def first_caption(objects: int, cpus: float, address: str | None) -> dict:
     import ray
 
-    import factory.jobs.pipeline as pipeline
+    import factory.jobs.runs as runs
+    from factory.io.layout import OutputLayout
     from factory.jobs.cluster import connect, default_app_name
     from factory.jobs.pipeline import run_job
 
@@ -190,15 +215,16 @@ def first_caption(objects: int) -> dict:
     write_tiny_bmps(work / "many", objects)
     made = time.perf_counter() - started
     write_tiny_bmps(work / "warm", 8)
-    cpus = float(os.cpu_count() or 1)
-    connect()
+    connect(address)
     run_job(make_spec(work / "warm", work / "warm-out", cpus=cpus), run_id="warm", show_progress=False)
+    # The run's tally, to stop it through its error budget: run_archive_job starts it with runs.start_tally.
     tallies = []
-    original = pipeline.start_tally
-    pipeline.start_tally = lambda spec: tallies.append(original(spec)) or tallies[-1]
+    original = runs.start_tally
+    runs.start_tally = lambda spec: tallies.append(original(spec)) or tallies[-1]
     # Rows are committed every commit.seconds: 1 s here, so the figure is the pipeline's, not the commit cadence's.
     spec = make_spec(work / "many", work / "out", cpus=cpus, commit_seconds=1.0)
-    results = work / "out" / "first" / "results"
+    layout = OutputLayout(str(work / "out" / "first"))
+    results, plan = Path(layout.results), Path(layout.archive_plan)
     outcome: dict = {}
 
     def run() -> None:
@@ -215,10 +241,14 @@ def first_caption(objects: int) -> dict:
         if results.exists() and any(path.suffix == ".parquet" for path in results.rglob("*")):
             first = time.perf_counter() - clock
         time.sleep(0.05)
-    planned = len(list((work / "out" / "first" / "_chunks" / "plan").glob("s*-c*.json")))
+    planned = len(list(plan.glob("s*-c*.json")))
+    if not tallies:
+        runs.start_tally = original
+        raise SystemExit("first caption: the run started no tally through factory.jobs.runs.start_tally, so the "
+                         "bench cannot stop it; follow where run_archive_job starts its tally now")
     ray.get(tallies[-1].add.remote({"failed": 10**9}))  # over the error budget: the workers stop at their next commit
     thread.join(timeout=300)
-    pipeline.start_tally = original
+    runs.start_tally = original
     from ray import serve
 
     serve.delete(default_app_name(spec.name))
@@ -233,31 +263,43 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes: 120 photos x 2, memory at 500 / 2,000")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the smallest sizes ({SMOKE['photos']} photos x 1, memory at {SMOKE['memory']}, first "
+                             f"caption of {SMOKE['first']} objects): checks that every part runs, measures nothing")
+    add_ray_arguments(parser, cpus=float(os.cpu_count() or 1), cpus_help="logical CPUs of the replica; its torch "
+                      "threads, and the bare loop's, follow them")
     args = parser.parse_args()
     os.environ.setdefault("FACTORY_LOG_LEVEL", "warning")
     from factory.logs import configure_logging
 
     configure_logging("warning")
     if args.part == "memory-child":
-        memory_child(args.images[0])
+        memory_child(args.images[0], args.cpus, args.address)
         return
     if args.part in ("all", "throughput"):
-        images = (args.images or [120 if args.quick else 400])[0]
-        print(f"throughput: bare in-process loop vs factory caption, {images} photos 2048x1536", flush=True)
-        result = throughput(images, 2 if args.quick else args.repeats)
+        images = SMOKE["photos"] if args.smoke else (args.images or [120 if args.quick else 400])[0]
+        print(f"throughput: bare in-process loop vs factory caption, {images} photos 2048x1536; every run writes "
+              "to an output folder of its own", flush=True)
+        work_log = WorkLog()
+        result = throughput(images, 1 if args.smoke else 2 if args.quick else args.repeats, args.cpus, args.address,
+                            work_log)
         print(json.dumps(result))
+        work_log.check()
         print(f"RATIO factory/bare = {result['factory_vs_bare']:.2f} (aim >= 1.3)")
     if args.part in ("all", "memory"):
-        sizes = args.images if args.part == "memory" and args.images else ([500, 2000] if args.quick else [1000, 10000])
+        sizes = (SMOKE["memory"] if args.smoke else args.images if args.part == "memory" and args.images
+                 else [500, 2000] if args.quick else [1000, 10000])
         print(f"memory: peak RSS of the whole run (driver + Ray processes) at {sizes[0]} and {sizes[1]} images",
               flush=True)
-        small, large = memory(sizes)
+        work_log = WorkLog()
+        small, large = memory(sizes, args.cpus, args.address, work_log)
+        work_log.check()
         print(f"RATIO peak memory {large['images']}/{small['images']} images = "
               f"{large['peak_tree_rss_mb'] / small['peak_tree_rss_mb']:.2f} (aim <= 1.1)")
     if args.part in ("all", "first"):
-        objects = (args.images or [100_000])[0] if args.part == "first" else 100_000
+        objects = SMOKE["first"] if args.smoke else (args.images or [100_000])[0] if args.part == "first" else 100_000
         print(f"first caption: {objects} objects in a local folder, warm replica", flush=True)
-        result = first_caption(objects)
+        result = first_caption(objects, args.cpus, args.address)
         print(json.dumps(result))
         print(f"FIRST CAPTION after {result['first_caption_s']:.2f} s (aim <= 10 s after Ray is up)")
 

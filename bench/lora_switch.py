@@ -1,8 +1,7 @@
 """LoRA costs on the tiny profile: adapter load and switch times, and what grouping rows by adapter saves.
 
-    PYTHONPATH=. python bench/lora_switch.py [--repeats 7] [--rows 200] [--size 128] [--steps 2] [--pool 4]
-
-(PYTHONPATH only while the package is not pip-installed.)
+    python bench/lora_switch.py [--repeats 7] [--rows 200] [--size 128] [--steps 2] [--pool 4]
+    python bench/lora_switch.py --smoke      # the smallest sizes: does every part still run (seconds)
 
 Part 1 prints medians over `--repeats` for rank 8 and rank 64 adapters on the tiny transformer:
 - read+check: reading the file, safetensors parsing, diffusers' key conversion and the shape checks;
@@ -15,14 +14,22 @@ adapter within windows of `--window` rows. A batch that mixes adapters becomes o
 (diffusers cannot mix adapters in a call). It prints calls, switches, loads, rows/s (median of
 `--sim-repeats` alternating runs) and the ratio. Run in-process, without Ray: this is the per-batch cost
 grouping removes, not the whole job.
+
+Part 3 (`--job`, on by default) runs the same kind of shuffled manifest through `factory run` (Ray Data -> one
+warm Serve replica, the job's own app), with the pipeline's adapter ordering off and on, alternating. Every run,
+the warm-up included, writes to an output folder of its own, so no timed row is reused from another run's
+`_reuse/` or resumed; each prints a `WORK` line with the rows its summary says reached the replica, and the ratio
+is not printed (exit code 2) when a timed run sent fewer or more rows to the model than the manifest holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +38,9 @@ from pathlib import Path
 
 import structlog
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import WorkLog, add_ray_arguments, join_or_start_ray, run_work  # noqa: E402
 from factory.model.generator import FluxGenerator, GenerationParams
 from factory.model.lora import AdapterRef, LoraPool, create_lora
 from factory.model.lora.safe_load import prepare_adapter, read_adapter
@@ -41,6 +51,7 @@ from factory.model.stack import resolve_sources
 TENANTS = ("acme", "globex", "initech", "umbrella", "hooli")
 REGIONS = ("eu", "na")
 PROMPTS = ("a red bicycle", "a bowl of fruit", "summer sale, bold colors", "a cat on a sofa", "mountains at dawn")
+SMOKE = {"repeats": 1, "rows": 8, "batch": 4, "window": 8, "pool": 2, "size": 64, "steps": 1, "sim_repeats": 1}
 
 
 @dataclass(frozen=True)
@@ -173,7 +184,14 @@ def main() -> None:
     parser.add_argument("--sim-repeats", type=int, default=3, help="runs of each order; the median is printed")
     parser.add_argument("--job", action=argparse.BooleanOptionalAction, default=True,
                         help="also run part 3, through the Ray job")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest sizes (" + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items())
+                             + "): checks that every part runs, measures nothing")
+    add_ray_arguments(parser, cpus=2.0, cpus_help="part 3: logical CPUs of the job's replica (its torch threads)")
     args = parser.parse_args()
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     quiet_library_noise()
     import diffusers
@@ -206,7 +224,7 @@ def main() -> None:
         print(f"{name:>9} {result.calls:>6} {result.switches:>9} {result.loads:>6} {result.evictions:>10} "
               f"{result.seconds:>8.2f} {result.rows_per_s:>7.1f}")
     ratio = results["grouped"].rows_per_s / results["shuffled"].rows_per_s
-    print(f"grouped / shuffled rows/s: {ratio:.2f}x")
+    print(f"RATIO in-process grouped / shuffled rows/s: {ratio:.2f}x")
     if args.job:
         through_job(generator, args)
 
@@ -219,8 +237,10 @@ def through_job(generator: FluxGenerator, args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
+    from factory.jobs.cluster import default_app_name
     from factory.jobs.pipeline import run_job
     from factory.jobs.spec import JobSpec
+    from factory.routing.replica import DEPLOYMENT_NAME
 
     folder = Path(tempfile.mkdtemp(prefix="lora-job-bench-"))
     registry = {"tenants": {}}
@@ -239,37 +259,48 @@ def through_job(generator: FluxGenerator, args: argparse.Namespace) -> None:
                    "prompt": rng.choice(PROMPTS), "seed": index}
             handle.write(json.dumps(row) + "\n")
 
-    def spec(window: int) -> JobSpec:
+    def spec(window: int, run_id: str) -> JobSpec:
+        """The job, writing to a folder of its own (nothing to reuse or resume), its replica kept warm."""
         return JobSpec.model_validate({
-            "name": "lora-bench", "inputs": [str(folder / "rows.jsonl")], "output": str(folder / "out"),
+            "name": "lora-bench", "inputs": [str(folder / "rows.jsonl")], "output": str(folder / f"out-{run_id}"),
             "tenants": str(folder / "tenants.yaml"), "adapter_window": window,
             "defaults": {"steps": args.steps, "width": args.size, "height": args.size},
             "serve": {"max_batch_size": args.batch, "max_ongoing_requests": 2 * args.batch,
-                      "max_adapters": args.pool, "num_cpus": 2},
-            "in_flight": 4 * args.batch, "batch_size": 4 * args.batch,
+                      "max_adapters": args.pool, "num_cpus": args.cpus, "keep_warm": True},
+            "in_flight": 4 * args.batch,
         })
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    run_job(spec(args.window), run_id="warmup", show_progress=False)
-    handle = serve.get_deployment_handle("StackReplica", "factory")
+    join_or_start_ray(args.address, max(4, math.ceil(args.cpus) + 2))
+    warm_spec = spec(args.window, "warmup")
+    app_name = default_app_name(warm_spec.name)  # the job's own Serve app, as run_job names it
+    warm = run_work("warm-up", args.rows, run_job(warm_spec, run_id="warmup", show_progress=False))
+    print(f"\n  warm-up (not timed): {warm.line()}", flush=True)
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name)
+    work_log = WorkLog()
     measured: dict[str, list[tuple[float, int]]] = {"shuffled": [], "grouped": []}
     for repeat in range(args.sim_repeats):
         for name, window in (("shuffled", 1), ("grouped", args.window)):
+            run_id = f"{name}-{repeat}"
             before = handle.adapter_stats.remote().result()["switches"]
             started = time.perf_counter()
-            run_job(spec(window), run_id=f"{name}-{repeat}", show_progress=False)
+            summary = run_job(spec(window, run_id), run_id=run_id, show_progress=False)
             seconds = time.perf_counter() - started
             switches = handle.adapter_stats.remote().result()["switches"] - before
             measured[name].append((args.rows / seconds, switches))
+            work = work_log.add(run_work(f"job {run_id}", args.rows, summary))
+            print(f"  {name} {repeat}: switches {switches}, rows/s {args.rows / seconds:.2f} ({work.brief()})",
+                  flush=True)
+    serve.delete(app_name)
+    ray.shutdown()
     print(f"\nthrough the job: {args.rows} rows, one replica, pool {args.pool}, window {args.window}, "
           f"median of {args.sim_repeats}")
     medians = {name: (statistics.median(r for r, _ in runs), statistics.median(s for _, s in runs))
                for name, runs in measured.items()}
     for name, (rows_per_s, switches) in medians.items():
         print(f"{name:>9} switches {switches:>5.0f}  rows/s {rows_per_s:6.2f}")
-    print(f"job grouped / shuffled rows/s: {medians['grouped'][0] / medians['shuffled'][0]:.2f}x, "
+    work_log.check()
+    print(f"RATIO job grouped / shuffled rows/s: {medians['grouped'][0] / medians['shuffled'][0]:.2f}x, "
           f"switches {medians['shuffled'][1]:.0f} -> {medians['grouped'][1]:.0f}")
-    ray.shutdown()
 
 
 if __name__ == "__main__":

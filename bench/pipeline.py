@@ -4,34 +4,44 @@ same rows and models, and peak memory of a run at two manifest sizes.
     python bench/pipeline.py                 # throughput
     python bench/pipeline.py throughput --rows 240 --repeats 3
     python bench/pipeline.py memory --rows 1000 10000
+    python bench/pipeline.py all --smoke     # the smallest sizes: does every part still run (seconds per run)
 
 Throughput, three ways over the same generation rows, alternating, medians of each:
 - bare: the same ModelStack, safety policy and batch runner in this process, batches of the replica's batch
   size, the same PNG writes; no Ray.
 - factory: `factory run` (chunks, validation, duplicate ids, Ray Data callers, one Serve replica, worker
-  commits); the replica is warm (deployed by an untimed first run and kept).
+  commits); the replica is warm (deployed by an untimed first run and kept). Every run, the warm-up included,
+  writes to an output folder of its own, so no timed run finds images to reuse (`_reuse/` lives in the output
+  folder) or chunks to resume; each prints a `WORK` line with the rows its summary says reached the replicas.
 - actor pool: the simpler design, `read_json -> map_batches(actor holding the same stack and runner) ->
   write_parquet`, no Serve, no chunks; its actor loads the models inside each timed run.
 Each is given as whole-run rows/s, and the two Ray designs also as steady rows/s (rows finished between the
-10th and 90th percentile of finish times, over that span), which leaves out start-up and tail on both.
+10th and 90th percentile of finish times, over that span), which leaves out start-up and tail on both. No ratio
+is printed (exit code 2) when any timed run sent fewer or more rows to the model than it was given.
 Memory: each size runs in a fresh process; the peak is the sum of RSS over the driver and every Ray process it
-started, sampled every 0.2 s.
+started, sampled every 0.2 s (with `--address`, the driver only: the cluster's processes are not its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import Work, WorkLog, add_ray_arguments, join_or_start_ray, run_work  # noqa: E402
+
+SMOKE = {"rows": 8, "size": 64, "steps": 1, "memory": [8, 16]}
 
 
 def write_manifest(path: Path, rows: int) -> None:
@@ -67,7 +77,7 @@ def _runner(spec, threads: int):
     return build_runner(config, ModelStack.from_profile(spec.profile))
 
 
-def bare_loop(manifest: Path, output: Path, runner, spec) -> float:
+def bare_loop(manifest: Path, output: Path, runner, spec, label: str = "bare") -> tuple[float, Work]:
     """The same rows, parser, runner, safety checks, PNG encoding and writes, in this process, no Ray."""
     from factory.io.storage import Storage
     from factory.jobs.manifests import iter_manifest_records
@@ -79,11 +89,13 @@ def bare_loop(manifest: Path, output: Path, runner, spec) -> float:
     requests = [parse_request(record.raw, defaults) for record in iter_manifest_records(str(manifest), storage)]
     started = time.perf_counter()
     batch = spec.serve.max_batch_size
+    answered = 0
     for start in range(0, len(requests), batch):
         chunk = requests[start:start + batch]
-        for request, result in zip(chunk, runner.run([ReplicaCall(request=r) for r in chunk])):
+        for request, result in zip(chunk, runner.run([ReplicaCall(request=r) for r in chunk]), strict=True):
             storage.write_bytes(str(output / request.tenant / f"{request.id}.png"), result.image_png)
-    return len(requests) / (time.perf_counter() - started)
+            answered += 1
+    return len(requests) / (time.perf_counter() - started), Work(label, len(requests), answered)
 
 
 def steady_rows_per_s(finished: list) -> float:
@@ -94,7 +106,8 @@ def steady_rows_per_s(finished: list) -> float:
     return inside / max(high - low, 1e-9)
 
 
-def factory_run(spec, run_id: str) -> tuple[float, float]:
+def factory_run(spec, run_id: str, rows: int) -> tuple[float, float, Work]:
+    """One `factory run` of `spec` (its own output folder); whole-run and steady rows/s, and its work."""
     from factory.io.layout import OutputLayout
     from factory.io.storage import Storage
     from factory.jobs.commit import read_table
@@ -104,7 +117,7 @@ def factory_run(spec, run_id: str) -> tuple[float, float]:
     summary = run_job(spec, run_id=run_id, show_progress=False)
     whole = summary.rows / (time.perf_counter() - started)
     results = read_table(Storage(), OutputLayout(output_root(spec, run_id)).results, ["finished_at"], hive=True)
-    return whole, steady_rows_per_s(results.column("finished_at").to_pylist())
+    return whole, steady_rows_per_s(results.column("finished_at").to_pylist()), run_work(f"factory {run_id}", rows, summary)
 
 
 class StackWorker:
@@ -137,7 +150,7 @@ class StackWorker:
                 "finished_at": [now] * len(results)}
 
 
-def actor_pool_run(manifest: Path, output: Path, spec, threads: int) -> tuple[float, float]:
+def actor_pool_run(manifest: Path, output: Path, spec, threads: int, rows: int, label: str) -> tuple[float, float, Work]:
     import pyarrow.parquet as pq
     import ray
 
@@ -152,41 +165,52 @@ def actor_pool_run(manifest: Path, output: Path, spec, threads: int) -> tuple[fl
     )
     table = pq.read_table(str(output / "results"))
     whole = table.num_rows / (time.perf_counter() - started)
-    return whole, steady_rows_per_s(table.column("finished_at").to_pylist())
+    # Every result row was made by the actor's runner: the pool has no cache and no resume.
+    return whole, steady_rows_per_s(table.column("finished_at").to_pylist()), Work(label, rows, table.num_rows)
 
 
-def throughput(rows: int, repeats: int, size: int, steps: int, batch: int) -> dict:
+def throughput(rows: int, repeats: int, size: int, steps: int, batch: int, cpus: float, address: str | None,
+               work_log: WorkLog) -> dict:
     import ray
 
-    from factory.jobs.cluster import connect, default_app_name
+    from factory.jobs.cluster import default_app_name
 
-    cpus = os.cpu_count() or 1
-    # Logical CPUs for both designs: the warm replica keeps its CPUs while the actor pool's actor takes its own
-    # (they never run at once, so the cores are not shared), and Ray Data's light stages find slots too.
-    ray.init(num_cpus=2 * cpus + 2, include_dashboard=False, logging_level="WARNING")
-    connect()
+    threads = max(1, int(cpus))  # the replica's torch threads for `cpus` (factory.routing.app.replica_setup)
+    join_or_start_ray(address, math.ceil(2 * cpus + 2))
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     manifest = work / "rows.jsonl"
     write_manifest(manifest, rows)
-    spec = make_spec(manifest, work / "factory", size=size, steps=steps, cpus=float(cpus), batch=batch)
-    runner = _runner(spec, cpus)
-    bare_loop(manifest, work / "warm", runner, spec)
-    factory_run(spec, "warmup")  # deploys the replica and keeps it; not timed
+
+    def spec_for(run_id: str):
+        """The job, writing to a folder of its own: nothing to reuse, resume or claim from another run."""
+        return make_spec(manifest, work / f"factory-{run_id}", size=size, steps=steps, cpus=cpus, batch=batch)
+
+    warm_spec = spec_for("warmup")
+    runner = _runner(warm_spec, threads)
+    bare_loop(manifest, work / "warm", runner, warm_spec)
+    *_, warm = factory_run(warm_spec, "warmup", rows)  # deploys the replica and keeps it; not timed
+    print(f"  warm-up (not timed): {warm.line()}", flush=True)
     figures: dict[str, list[float]] = {key: [] for key in ("bare", "factory", "factory_steady", "pool", "pool_steady")}
     for repeat in range(repeats):
-        figures["bare"].append(bare_loop(manifest, work / f"bare{repeat}", runner, spec))
-        whole, steady = factory_run(spec, f"timed{repeat}")
+        bare, bare_work = bare_loop(manifest, work / f"bare{repeat}", runner, warm_spec, f"bare {repeat}")
+        figures["bare"].append(bare)
+        whole, steady, factory_work = factory_run(spec_for(f"timed{repeat}"), f"timed{repeat}", rows)
         figures["factory"].append(whole)
         figures["factory_steady"].append(steady)
-        whole, steady = actor_pool_run(manifest, work / f"pool{repeat}", spec, cpus)
+        whole, steady, pool_work = actor_pool_run(manifest, work / f"pool{repeat}", warm_spec, threads, rows,
+                                                  f"pool {repeat}")
         figures["pool"].append(whole)
         figures["pool_steady"].append(steady)
-        print(f"  repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in figures.items()) + " rows/s",
+        print(f"  repeat {repeat}: bare {figures['bare'][-1]:.2f} ({bare_work.brief()}), factory "
+              f"{figures['factory'][-1]:.2f} steady {figures['factory_steady'][-1]:.2f} ({factory_work.brief()}), "
+              f"pool {figures['pool'][-1]:.2f} steady {figures['pool_steady'][-1]:.2f} ({pool_work.brief()}) rows/s",
               flush=True)
+        for done in (bare_work, factory_work, pool_work):
+            work_log.add(done)
     from ray import serve
 
-    serve.delete(default_app_name(spec.name))
-    result = {"rows": rows, "size": size, "steps": steps, "batch": batch, "threads": cpus,
+    serve.delete(default_app_name(warm_spec.name))
+    result = {"rows": rows, "size": size, "steps": steps, "batch": batch, "threads": threads,
               **{f"{key}_rows_per_s": round(statistics.median(values), 2) for key, values in figures.items()}}
     result["factory_vs_bare"] = round(result["factory_rows_per_s"] / result["bare_rows_per_s"], 3)
     result["pool_vs_bare"] = round(result["pool_rows_per_s"] / result["bare_rows_per_s"], 3)
@@ -196,39 +220,44 @@ def throughput(rows: int, repeats: int, size: int, steps: int, batch: int) -> di
     return result
 
 
-def memory_child(rows: int, size: int, steps: int) -> None:
-    """Runs in a fresh process: one factory run over `rows` rows; prints peak tree RSS as JSON."""
+def memory_child(rows: int, size: int, steps: int, cpus: float, address: str | None) -> None:
+    """Runs in a fresh process: one factory run over `rows` rows; prints peak tree RSS and its work as JSON."""
     import resource
 
     import ray
 
     from factory.jobs.cluster import connect
 
-    connect()
+    connect(address)
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     write_manifest(work / "rows.jsonl", rows)
-    spec = make_spec(work / "rows.jsonl", work / "out", size=size, steps=steps, cpus=float(os.cpu_count() or 1), batch=8)
+    spec = make_spec(work / "rows.jsonl", work / "out", size=size, steps=steps, cpus=cpus, batch=8)
     from bench.common import PeakTreeRss
+    from factory.jobs.cluster import default_app_name, release
     from factory.jobs.pipeline import run_job
 
     started = time.perf_counter()
     with PeakTreeRss() as peak:
         summary = run_job(spec, run_id="memory", show_progress=False)
+    release(default_app_name(spec.name))
     print(json.dumps({
         "rows": summary.rows, "seconds": round(time.perf_counter() - started, 1),
         "peak_tree_rss_mb": round(peak.peak / 2**20), "driver_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "work": asdict(run_work(f"memory {rows}", rows, summary)),
     }))
     ray.shutdown()
 
 
-def memory(sizes: list[int], size: int, steps: int) -> list[dict]:
+def memory(sizes: list[int], size: int, steps: int, cpus: float, address: str | None, work_log: WorkLog) -> list[dict]:
     results = []
     for rows in sizes:
-        done = subprocess.run(
-            [sys.executable, __file__, "memory-child", "--rows", str(rows), "--size", str(size), "--steps", str(steps)],
-            capture_output=True, text=True, check=True,
-        )
+        command = [sys.executable, __file__, "memory-child", "--rows", str(rows), "--size", str(size), "--steps",
+                   str(steps), "--cpus", str(cpus), *(["--address", address] if address else [])]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"memory run of {rows} rows failed: {done.stderr[-2000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        work_log.add(Work(**results[-1].pop("work")))
         print(f"  {results[-1]}", flush=True)
     return results
 
@@ -242,24 +271,40 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the smallest sizes (throughput: {SMOKE['rows']} rows, 1 repeat, {SMOKE['size']}x"
+                             f"{SMOKE['size']}, {SMOKE['steps']} step; memory: {SMOKE['memory']}): checks that "
+                             "every part runs, measures nothing")
+    add_ray_arguments(parser, cpus=float(os.cpu_count() or 1),
+                      cpus_help="logical CPUs of the replica and of the actor pool's actor; torch threads follow "
+                                "them as in a replica")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.repeats, args.size, args.steps = args.rows or [SMOKE["rows"]], 1, SMOKE["size"], SMOKE["steps"]
     os.environ.setdefault("FACTORY_LOG_LEVEL", "warning")
     from factory.logs import configure_logging
 
     configure_logging("warning")
     if args.part == "memory-child":
-        memory_child(args.rows[0], args.size, args.steps)
+        memory_child(args.rows[0], args.size, args.steps, args.cpus, args.address)
         return
     if args.part in ("all", "throughput"):
-        print("throughput: bare in-process loop vs factory run (one replica) vs a plain Ray Data actor pool", flush=True)
-        result = throughput((args.rows or [240])[0], args.repeats, args.size, args.steps, args.batch)
+        print("throughput: bare in-process loop vs factory run (one replica) vs a plain Ray Data actor pool; "
+              "every run writes to an output folder of its own", flush=True)
+        work_log = WorkLog()
+        result = throughput((args.rows or [240])[0], args.repeats, args.size, args.steps, args.batch, args.cpus,
+                            args.address, work_log)
         print(json.dumps(result))
+        work_log.check()
         print(f"RATIO factory/bare = {result['factory_vs_bare']:.2f}, actor pool/bare = {result['pool_vs_bare']:.2f}")
         print(f"RATIO factory/actor pool = {result['factory_vs_pool']:.2f} whole run, "
               f"{result['factory_vs_pool_steady']:.2f} steady (aim >= 1.0)")
     if args.part in ("all", "memory"):
         print("memory: peak RSS of the whole run (driver + Ray processes)", flush=True)
-        small, large = memory(args.rows or [1000, 10000], 64, 1)
+        sizes = SMOKE["memory"] if args.smoke else (args.rows if args.part == "memory" and args.rows else [1000, 10000])
+        work_log = WorkLog()
+        small, large = memory(sizes, 64, 1, args.cpus, args.address, work_log)
+        work_log.check()
         print(f"RATIO peak memory {large['rows']}/{small['rows']} rows = "
               f"{large['peak_tree_rss_mb'] / small['peak_tree_rss_mb']:.2f}  "
               f"(driver {large['driver_maxrss_mb'] / small['driver_maxrss_mb']:.2f})")

@@ -250,9 +250,11 @@ def serve_api(
     typer.echo(f"app {name}: replicas loading (profile {serving.config.profile})", err=True)
     wait_until_ready(name, serving.config.serve.ready_timeout_s)
     prefix = settings.route_prefix.rstrip("/")
-    typer.echo(f"HTTP  http://{settings.http.host}:{settings.http.port}{prefix}/v1/tasks   (docs: {prefix}/docs)")
+    docs = f"docs: {prefix}/docs" if settings.public_docs else f"schema: {prefix}/openapi.json, with a key"
+    typer.echo(f"HTTP  http://{settings.http.host}:{settings.http.port}{prefix}/v1/tasks   ({docs})")
     if settings.grpc.enabled:
-        typer.echo(f"gRPC  {settings.http.host}:{settings.grpc.port}  factory.v1.Factory  (metadata application={name})")
+        typer.echo(f"gRPC  {settings.grpc.bind_address()} (every interface)  factory.v1.Factory  "
+                   f"(metadata application={name})")
     if not settings.keys:
         typer.echo("warning: no api.keys configured: every request is 401 (make one with `factory api-key TENANT`)",
                    err=True)
@@ -295,21 +297,24 @@ def models_build(
     profile: Annotated[str, typer.Argument(help="Profile to build")] = "tiny",
     force: Annotated[bool, typer.Option(help="Rebuild even if cached")] = False,
 ):
-    """Build a profile's offline checkpoints (only `tiny` is built; others load from their sources)."""
+    """Build a profile's offline checkpoints (only `tiny` and `tiny-flux2` are built; others load from their
+    sources)."""
     import time
 
-    from factory.model.profiles import TINY_SOURCE, get_profile
+    from factory.model.profiles import TINY_FLUX2_SOURCE, TINY_SOURCE, get_profile
     from factory.paths import factory_home
-    from factory.model.tiny import ensure_tiny
+    from factory.model.tiny import ensure_tiny, ensure_tiny_flux2
 
     resolved = get_profile(profile)
     if TINY_SOURCE not in (resolved.generator.source, resolved.vlm.source):
         typer.echo(f"{profile}: nothing to build; loads {resolved.generator.source} and {resolved.vlm.source}")
         return
-    started = time.perf_counter()
-    path = ensure_tiny(factory_home(), force=force)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    typer.echo(f"{path}  {size / 1e6:.1f} MB  {time.perf_counter() - started:.1f} s")
+    builders = [ensure_tiny] + ([ensure_tiny_flux2] if resolved.generator.source == TINY_FLUX2_SOURCE else [])
+    for build in builders:
+        started = time.perf_counter()
+        path = build(factory_home(), force=force)
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        typer.echo(f"{path}  {size / 1e6:.1f} MB  {time.perf_counter() - started:.1f} s")
 
 
 @models_app.command("list")
@@ -324,6 +329,11 @@ def models_list():
                    f"{profile.generator.steps} steps, {profile.generator.width}x{profile.generator.height})")
         typer.echo(f"{'':14} speed:     {profile.generator.performance.tag()}")
         typer.echo(f"{'':14} vlm:       {profile.vlm.source} ({profile.vlm.dtype})")
+        edit = profile.generator.edit
+        edits = "no" if edit is None else f"up to {edit.max_references} reference image(s)" + (
+            f", on {profile.edit_transformer.source}" if profile.edit_transformer is not None else "")
+        typer.echo(f"{'':14} edits:     {edits}")
+        typer.echo(f"{'':14} licence:   {profile.licence}")
 
 
 @lora_app.command("create")
@@ -344,6 +354,42 @@ def lora_create(
     _configure_logging()
     path = create_lora_for_profile(output, profile, rank=rank, alpha=alpha, seed=seed, format=format)
     typer.echo(f"{path}  rank={rank} alpha={alpha:g} format={format} {path.stat().st_size / 1e3:.1f} kB")
+
+
+@app.command()
+@one_line_errors
+def train(
+    spec_path: Annotated[Path, typer.Argument(metavar="TRAIN.yaml", help="Training spec")],
+    register: Annotated[bool, typer.Option("--register", help="Register the adapter in the spec's registry")] = False,
+    run_id: Annotated[Optional[str], typer.Option(help="Run id (default: the spec's, else derived); same id resumes")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: $RAY_ADDRESS or local)")] = None,
+):
+    """Train a tenant's style adapter (LoRA) from captioned images on Ray Train; the same run id resumes."""
+    from factory.jobs.training.run import outcome_lines, run_training
+    from factory.jobs.training.spec import load_train_spec
+
+    _configure_logging()
+    spec = load_train_spec(spec_path)
+    if run_id is not None:
+        spec = spec.model_copy(update={"run_id": _checked_run_id(run_id)})
+    for line in outcome_lines(run_training(spec, address=address, register=register)):
+        typer.echo(line)
+
+
+@lora_app.command("register")
+@one_line_errors
+def lora_register(
+    adapter_file: Annotated[str, typer.Argument(metavar="ADAPTER.safetensors", help="Local path or s3:// URI")],
+    registry: Annotated[Path, typer.Option(help="Tenants registry YAML (created if absent)")],
+    tenant: Annotated[str, typer.Option(help="Tenant the adapter belongs to")],
+    name: Annotated[str, typer.Option(help="Adapter name in the tenant's list")],
+    region: Annotated[Optional[str], typer.Option(help="Region it styles (default: the tenant's default)")] = None,
+):
+    """Register an adapter file for a tenant (and region) with its sha256; refuses a name taken by another file."""
+    from factory.jobs.training.registry import register_file
+
+    changed, sha256 = register_file(registry, tenant=tenant, adapter=name, uri=adapter_file, region=region)
+    typer.echo(f"{registry}: {tenant}/{name} sha256={sha256} {'registered' if changed else 'already registered'}")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m factory`

@@ -39,6 +39,10 @@ class ModelError(FactoryError):
     """A model could not be built, loaded or run."""
 
 
+class UnsafeCluster(FactoryError):
+    """The Ray a command would run on lets callers in without a token, or listens beyond where it should."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with an input: where (a dotted field, "" for the input as a whole) and why."""

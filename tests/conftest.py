@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-# The test cluster uses token auth, Ray's default for `ray start`. Clients that join by address present the
+# The test cluster uses token auth, as every Ray factory runs on must (`ray start` alone runs with auth off:
+# tests/integration/test_ray_token_auth.py starts such a Ray on purpose). Clients that join by address present the
 # token only when RAY_AUTH_MODE says so, and Ray reads it when it is first imported: so set it here, first.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
@@ -71,14 +72,6 @@ def s3_endpoint():
         yield endpoint
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(factory_home, tiny_path, s3_endpoint):
     """One local Ray cluster (`ray start --head`, dashboard on loopback) shared by every integration test.
@@ -93,15 +86,13 @@ def ray_cluster(factory_home, tiny_path, s3_endpoint):
     import ray
 
     from factory.jobs.cluster import connect
+    from tests.raynodes import agent_port_flags, free_port, stop_cluster
 
     bin_dir = Path(sys.executable).parent
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    # Ray's fixed default ports (dashboard agent 52365, metrics, runtime-env agent) collide with any other Ray on
-    # the machine, and a dashboard agent that cannot bind leaves the Jobs API without an agent: pick free ones.
-    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    gcs_port, dashboard_port = free_port(), free_port()
+    agent_ports = agent_port_flags()
     # A temp dir of its own (short: Ray's socket paths live under it), so teardown stops this cluster only.
     temp_dir = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")
     subprocess.run(
@@ -117,30 +108,4 @@ def ray_cluster(factory_home, tiny_path, s3_endpoint):
 
     serve.shutdown()
     ray.shutdown()
-    _stop_cluster(temp_dir)
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Stop the processes of the cluster started with `temp_dir` (and their workers), not every Ray on the
-    machine as `ray stop` would."""
-    import psutil
-
-    started = [p for p in psutil.process_iter(["cmdline"])
-               if p.pid != os.getpid() and any(temp_dir in part for part in p.info["cmdline"] or ())]
-    processes = {p.pid: p for p in started}
-    for process in started:
-        try:
-            processes.update((child.pid, child) for child in process.children(recursive=True))
-        except psutil.Error:
-            pass
-    for process in processes.values():
-        try:
-            process.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(processes.values()), timeout=15)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
+    stop_cluster(temp_dir)

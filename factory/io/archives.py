@@ -15,6 +15,7 @@ name: whether it is an image is for the decoder to say.
 
 from __future__ import annotations
 
+import errno
 import glob as globlib
 import io
 import os
@@ -69,7 +70,7 @@ class Entry:
     uri: str  # the file or object read (for an archive member: the archive)
     data: bytes | None = None
     problem: str | None = None  # a reason to reject it, found without decoding
-    companion: bool = False  # skipped: not a row
+    companion: bool = False  # a caption or metadata file: not a row (its bytes read only when asked for)
 
 
 # ---- resolving what the user wrote ------------------------------------------------------------------------
@@ -133,6 +134,10 @@ def _classify(uri: str, storage: Storage, patterned: bool) -> ArchiveSource:
         return ArchiveSource("prefix", uri.rstrip("/"))
     path = local_path(uri)
     if os.path.isdir(path):
+        try:
+            os.scandir(path).close()
+        except OSError as error:  # not "no objects found" once the run has planned nothing
+            raise ConfigError(f"archive source {uri}: cannot list the folder: {os_reason(error)}") from None
         return ArchiveSource("folder", path)
     if os.path.isfile(path):
         if zipfile.is_zipfile(path):
@@ -183,26 +188,44 @@ def _order(name: str) -> tuple[str, ...]:
     return tuple(name.split("/"))
 
 
+def os_reason(error: OSError) -> str:
+    """`permission denied (EACCES)`: the system's words for an OSError and its errno's name."""
+    words = (error.strerror or str(error)).lower()
+    name = errno.errorcode.get(error.errno) if error.errno is not None else None
+    return f"{words} ({name})" if name else words
+
+
+def _entries_of(folder: str) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
 def list_folder(root: str, after: str | None = None) -> Iterator[str]:
     """Every non-directory entry under `root`, relative, '/'-separated, sorted by path components, lazily.
-    Symbolic links (to files or folders) are listed, never followed: the worker rejects them."""
+    Symbolic links (to files or folders) are listed, never followed: the worker rejects them. So is a subfolder
+    that cannot be listed: the worker's reject names it and why. A root that cannot be listed is an `InputError`."""
     start = _order(after) if after is not None else None
 
-    def walk(folder: str, prefix: str) -> Iterator[str]:
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            return
+    def walk(prefix: str, entries: list[os.DirEntry]) -> Iterator[str]:
         for entry in entries:
             relative = f"{prefix}{entry.name}"
             if entry.is_dir(follow_symlinks=False):
                 if start is None or _order(relative) >= start[:len(_order(relative))]:
-                    yield from walk(entry.path, relative + "/")
+                    try:
+                        children = _entries_of(entry.path)
+                    except OSError:
+                        if start is None or _order(relative) > start:
+                            yield relative
+                        continue
+                    yield from walk(relative + "/", children)
             elif start is None or _order(relative) > start:
                 yield relative
 
-    yield from walk(root, "")
+    try:
+        top = _entries_of(root)
+    except OSError as error:
+        raise InputError(f"{root}: cannot list the folder: {os_reason(error)}") from error
+    yield from walk("", top)
 
 
 def list_prefix(storage: Storage, prefix_uri: str, after: str | None = None) -> Iterator[str]:
@@ -227,13 +250,15 @@ def zip_member_count(storage: Storage, uri: str) -> int:
 # ---- reading members (in workers) ----------------------------------------------------------------------
 
 
-def read_folder_entries(root: str, names: list[str], max_bytes: int) -> Iterator[Entry]:
+def read_folder_entries(root: str, names: list[str], max_bytes: int, *, companions: bool = False
+                        ) -> Iterator[Entry]:
+    """`companions`: read the bytes of companions too (a trainer's captions), with the same checks as images."""
     for name in names:
         path = os.path.join(root, *name.split("/"))
-        yield _read_local(path, name, max_bytes)
+        yield _read_local(path, name, max_bytes, companions)
 
 
-def _read_local(path: str, name: str, max_bytes: int) -> Entry:
+def _read_local(path: str, name: str, max_bytes: int, companions: bool = False) -> Entry:
     entry = Entry(name=name, uri=path, companion=is_companion(name))
     try:
         info = os.lstat(path)
@@ -244,11 +269,15 @@ def _read_local(path: str, name: str, max_bytes: int) -> Entry:
         entry.problem = f"{path}: cannot read ({exc.strerror})"
         return entry
     kind = _kind(info.st_mode)
+    if kind == "a directory":  # listed because it could not be listed itself
+        entry.companion = False
+        entry.problem = _unlistable(path)
+        return entry
     if kind != "file":
         entry.companion = False
         entry.problem = f"{path}: {kind} (never followed or opened)"
         return entry
-    if entry.companion:
+    if entry.companion and not companions:
         return entry
     if info.st_size > max_bytes:
         entry.problem = f"{path}: larger than the {max_bytes} byte limit ({info.st_size} bytes)"
@@ -264,6 +293,14 @@ def _read_local(path: str, name: str, max_bytes: int) -> Entry:
     if len(entry.data) > max_bytes:
         entry.data, entry.problem = None, f"{path}: larger than the {max_bytes} byte limit"
     return entry
+
+
+def _unlistable(path: str) -> str:
+    try:
+        os.scandir(path).close()
+    except OSError as error:
+        return f"{path}: folder cannot be listed: {os_reason(error)}"
+    return f"{path}: folder could not be listed when its source was listed (re-run to read it)"
 
 
 def _kind(mode: int) -> str:
@@ -282,14 +319,16 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_prefix_entries(storage: Storage, prefix_uri: str, names: list[str], max_bytes: int) -> Iterator[Entry]:
-    """Objects of one page, `S3_READ_WINDOW` read at once (a bounded window: a page is never all in memory)."""
+def read_prefix_entries(storage: Storage, prefix_uri: str, names: list[str], max_bytes: int, *,
+                        companions: bool = False) -> Iterator[Entry]:
+    """Objects of one page, `S3_READ_WINDOW` read at once (a bounded window: a page is never all in memory);
+    `companions`: read the bytes of companions too."""
     base = prefix_uri.rstrip("/") + "/"
 
     def read(name: str) -> Entry:
         uri = base + name
         entry = Entry(name=name, uri=uri, companion=is_companion(name))
-        if entry.companion:
+        if entry.companion and not companions:
             return entry
         try:
             entry.data = storage.read_bytes(uri, max_bytes=max_bytes)
@@ -320,11 +359,11 @@ def read_file_entry(storage: Storage, uri: str, max_bytes: int) -> Iterator[Entr
         yield _read_local(uri, name, max_bytes)
 
 
-def read_tar_entries(storage: Storage, uri: str, max_bytes: int, skip: frozenset[str] = frozenset()
-                     ) -> Iterator[Entry]:
+def read_tar_entries(storage: Storage, uri: str, max_bytes: int, skip: frozenset[str] = frozenset(), *,
+                     companions: bool = False) -> Iterator[Entry]:
     """Every member of a tar shard, streamed in order (`r|*`: gzip too). A member in `skip` (committed by an
     earlier attempt) is passed over without reading its bytes. A shard that breaks mid-way ends with one entry
-    saying where."""
+    saying where. Companions are passed over too, or with `companions` read and yielded like any member."""
     try:
         stream = storage.open_read(uri)
     except InputError as exc:
@@ -343,7 +382,8 @@ def read_tar_entries(storage: Storage, uri: str, max_bytes: int, skip: frozenset
                     entry.problem = _tar_kind_problem(member)
                 if entry.problem is None and is_companion(member.name):
                     entry.companion = True
-                    continue
+                    if not companions:
+                        continue
                 if entry.problem is None and member.name in skip:
                     continue
                 if entry.problem is None and member.size > max_bytes:

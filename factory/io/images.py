@@ -1,9 +1,10 @@
 """Reading input images by URI, and decoding them safely.
 
-Local paths and s3:// always work (through `Storage`). http(s):// is off unless a job allows it, and even
-then never reaches loopback, private, link-local, multicast or reserved addresses: rows come from users,
-and a fetcher that follows any URL is a way into the cluster's own network (SSRF). Every resolved address
-is checked and the connection goes to the checked address, so DNS cannot answer differently the second time.
+Local paths and s3:// always work (through `Storage`), within a tenant's input roots when the caller gives them
+(`factory.io.roots`). http(s):// is off unless a job allows it, and even then never reaches loopback, private,
+link-local, multicast or reserved addresses: rows come from users, and a fetcher that follows any URL is a way
+into the cluster's own network (SSRF). Every resolved address is checked and the connection goes to the checked
+address, so DNS cannot answer differently the second time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import structlog
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from factory.errors import InputError
+from factory.io.roots import InputRoots
 from factory.io.storage import Storage, is_remote
 
 log = structlog.get_logger(__name__)
@@ -43,8 +45,13 @@ def fetch_bytes(
     allow_http: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    roots: InputRoots | None = None,
 ) -> bytes:
-    """The bytes at `uri` (local path, s3://, or http(s):// when allowed), at most `max_bytes` of them."""
+    """The bytes at `uri` (local path, s3://, or http(s):// when allowed), at most `max_bytes` of them. With
+    `roots`, a reference outside them is refused before anything is opened (`OutsideRoots`), and a local file is
+    read at the real path that was judged: a link swapped since the row was validated cannot lead out."""
+    if roots is not None:
+        uri = roots.check(uri)
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https"):
         if not allow_http:

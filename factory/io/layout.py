@@ -3,8 +3,11 @@
     images/<tenant>/<id>.png                      generated images of ok rows, written before their result row
     quarantine/<tenant>/<id>.png                  flagged images under a quarantine policy
     results/tenant=<t>/part-<chunk>-<writer>-<n>.parquet   result rows, committed by the chunk's worker
-    rejects/part-<chunk>-<kind>.parquet           rows that failed validation, or duplicates (kind: rows, duplicates)
-    rejects/part-plan.parquet                     manifests that could not be read at all
+    rejects/tenant=<t>/part-<chunk>-<kind>.parquet   rows that failed validation, or duplicates (kind: rows,
+                                                  duplicates), Hive-partitioned by tenant like results
+    rejects/tenant=_unknown/part-<chunk>-rows.parquet  rows with no tenant, a tenant that is not a name or not in
+                                                  the registry, or no row at all (broken JSON, unreadable bytes)
+    rejects/tenant=_unknown/part-plan.parquet     manifests that could not be read at all
     _chunks/plan.json                             the chunks of the run's inputs (reused by a re-run)
     _chunks/dedup.json                            which chunks hold duplicate ids (written once dedup is complete)
     _chunks/<chunk>/...                           staged requests, duplicates, and the chunk's markers
@@ -14,7 +17,8 @@
     _dedup/<sha[:2]>/<sha256>                     archive runs: which row captions each distinct image
 
 Every key is a function of (run root, tenant, row id) or (run root, chunk), so a redone row overwrites its own
-image and a resumed run finds what an earlier one committed.
+image and a resumed run finds what an earlier one committed. A tenant's rows, images and rejects are under its
+own `tenant=<t>` (or `<t>`) folders, so each can be handed to that tenant alone.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from factory.io.storage import join
+
+# The rejects partition of rows that belong to no known tenant, and of whole manifests: '_' cannot begin a tenant
+# name, so it is never a tenant's own folder.
+UNATTRIBUTED = "_unknown"
 
 
 def object_name(row_id: str) -> str:
@@ -56,8 +64,9 @@ class OutputLayout:
     def result_part(self, tenant: str, chunk: str, writer: str, sequence: int) -> str:
         return f"{self.result_prefix(tenant, chunk)}{writer}-{sequence:04d}.parquet"
 
-    def reject_part(self, name: str, kind: str | None = None) -> str:
-        return join(self.rejects, f"part-{name}-{kind}.parquet" if kind else f"part-{name}.parquet")
+    def reject_part(self, tenant: str, name: str, kind: str | None = None) -> str:
+        """A part of `tenant`'s rejects (`UNATTRIBUTED` for rows and manifests that belong to no known tenant)."""
+        return join(self.rejects, f"tenant={tenant}", f"part-{name}-{kind}.parquet" if kind else f"part-{name}.parquet")
 
     @property
     def chunks(self) -> str:

@@ -62,8 +62,8 @@ from factory.jobs.durable import check_durable_output
 from factory.io.storage import Storage, join
 from factory.jobs.caller import CallContext, ChunkCaller, JobStopped
 from factory.jobs.commit import (
-    DONE, DONE_WITH_FAILURES, REJECT_SCHEMA, STARTED, ChunkCommitter, committed_parts, parquet_bytes,
-    publish_once, read_committed, stats_of, write_marker,
+    DONE, DONE_WITH_FAILURES, STARTED, ChunkCommitter, committed_parts, publish_rejects, read_committed, stats_of,
+    write_marker,
 )
 from factory.jobs.dedup import DedupIndex
 from factory.jobs.progress import Progress
@@ -453,6 +453,7 @@ class ArchiveCaller(ChunkCaller):
             if self.archive.question:
                 calls.append(ReplicaCall(request=self._request(item, Task.VQA), **pixels))
         results, attempts = await self._call(calls, self.log.bind(chunk=chunk.id))
+        await self._report({"model_rows": len(items)})  # rows, not calls: a question rides with its caption
         per_item = 2 if self.archive.question else 1
         rows = []
         for index, item in enumerate(items):
@@ -708,7 +709,7 @@ def run_archive_job(spec: JobSpec, run_id: str | None = None, address: str | Non
     problems = _unlisted(storage, layout, run_id, sources, saved)
     summary = summarize_run(markers, job=spec.name, run_id=run_id, output=layout.root, plan_rejects=problems,
                             rows_read=counts.get("rows_read", 0), rows_read_again=0,
-                            wall_seconds=time.monotonic() - started)
+                            model_rows=counts.get("model_rows", 0), wall_seconds=time.monotonic() - started)
     storage.write_bytes(layout.summary, summary.model_dump_json(indent=2).encode())
     storage.write_bytes(layout.success, b"")
     run_log.info("archive run finished", **summary.by_status)
@@ -727,17 +728,15 @@ def _all_chunks(saved: SavedPlan, sources: list[ArchiveSource]) -> list[ArchiveC
 
 def _unlisted(storage: Storage, layout: OutputLayout, run_id: str, sources: list[ArchiveSource],
               saved: SavedPlan) -> int:
-    """Sources that listed nothing at all (an empty folder or prefix): one reject each, in rejects/, so a typo'd
-    prefix is visible in the output and not only as a zero in the summary."""
+    """Sources that listed nothing at all (an empty folder or prefix): one reject each, in rejects/tenant=_unknown/,
+    so a typo'd prefix is visible in the output and not only as a zero in the summary."""
     rejects = []
     for index, source in enumerate(sources):
         if source.kind in ("folder", "prefix") and not saved.chunks.get(index):
             rejects.append({"manifest": source.uri, "manifest_line": 0, "id": None, "tenant": None,
                             "field": "source", "reason": f"{source.uri}: no objects found", "row": None,
                             "run_id": run_id})
-    if rejects:
-        publish_once(storage, layout.reject_part("plan"),
-                     parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)))
+    publish_rejects(storage, layout, rejects, "plan")  # no tenant: rejects/tenant=_unknown/
     return len(rejects)
 
 

@@ -33,7 +33,7 @@ from factory.jobs.dedup import DedupIndex, load_duplicates
 from factory.jobs.plan import Chunk
 from factory.jobs.spec import RetryConfig
 from factory.jobs.summary import ChunkStats, ChunkValidation
-from factory.jobs.validate import ValidateContext, staged_requests
+from factory.jobs.validate import TenantRoots, ValidateContext, staged_requests
 from factory.routing.batch import ReplicaCall, adapter_key
 from factory.routing.executor import base_result
 from factory.routing.requests import Status, TaskRequest, TaskResult
@@ -88,6 +88,12 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def row_identity(table: pa.Table) -> pa.ChunkedArray:
+    """`tenant/id` per row: ids are unique per tenant only, so another tenant's committed `p1` is not this one's
+    (a tenant is a name: it never holds a '/')."""
+    return pc.binary_join_element_wise(table["tenant"], table["id"], "/")
+
+
 def prepare_chunk(ctx: CallContext, chunk: Chunk) -> ChunkWork:
     """The chunk's staged requests minus duplicates and rows an earlier attempt committed.
 
@@ -112,7 +118,7 @@ def prepare_chunk(ctx: CallContext, chunk: Chunk) -> ChunkWork:
     else:
         store.write_bytes(layout.chunk_file(chunk.id, STARTED), json.dumps({"tenants": tenants}).encode())
     if committed.num_rows:
-        staged = staged.filter(pc.invert(pc.is_in(staged["id"], value_set=committed["id"])))
+        staged = staged.filter(pc.invert(pc.is_in(row_identity(staged), value_set=row_identity(committed))))
     requests = [
         (row.pop("line"), TaskRequest.model_validate(row)) for row in staged.to_pylist()
     ]
@@ -204,8 +210,9 @@ class ChunkCaller:
         """One replica call for a batch of requests that share an adapter; one committed-to-be row per request."""
         started = time.perf_counter()
         assert self._limit is not None
+        roots = TenantRoots(self.ctx.chunks, chunk.source)
         async with self._limit:
-            inputs = await asyncio.gather(*(self._input(request) for _, request in batch))
+            inputs = await asyncio.gather(*(self._input(request, roots) for _, request in batch))
             results: list[TaskResult | None] = [early for _, early in inputs]
             calls = [call for call, early in inputs if early is None]
             answered, attempts = await self._call(calls, chunk_log) if calls else ([], 0)
@@ -230,9 +237,10 @@ class ChunkCaller:
             rows.append(row)
         return rows
 
-    async def _input(self, request: TaskRequest) -> tuple[ReplicaCall | None, TaskResult | None]:
+    async def _input(self, request: TaskRequest, roots: TenantRoots) -> tuple[ReplicaCall | None, TaskResult | None]:
         """The call to send for a request, with its input image's bytes; or the result it gets without one (an
-        unreadable input, or an image an earlier run made from the same inputs)."""
+        unreadable input or one outside its tenant's roots, or an image an earlier run made from the same
+        inputs). The roots were checked at validation; checked again here, as links may have changed since."""
         if self.ctx.reuse is not None:
             key = content_key(request, self.ctx.reuse)
             found = key and await asyncio.to_thread(lookup, self.ctx.chunks.storage, self.ctx.reuse, key)
@@ -243,7 +251,8 @@ class ChunkCaller:
         if request.image is not None:
             try:
                 image_bytes = await asyncio.to_thread(
-                    fetch_bytes, request.image, self.ctx.chunks.storage, allow_http=self.ctx.allow_http
+                    fetch_bytes, request.image, self.ctx.chunks.storage, allow_http=self.ctx.allow_http,
+                    roots=roots.of(request.tenant),
                 )
             except InputError as error:
                 return None, base_result(request, None, status=Status.REJECTED, error=f"image: {error}")

@@ -5,31 +5,36 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import time
 from typing import Any
 
 import structlog
 
-from factory.errors import ConfigError, ModelError
+from factory.errors import ConfigError, ModelError, UnsafeCluster
+from factory.jobs.cluster_auth import private_ray_refusal, require_token_auth, wants_token
 
 log = structlog.get_logger(__name__)
 
-# What a job's workers and replicas need from the driver's environment: factory's own settings, and how to reach
-# the models (FLUX.1-dev is gated: HF_TOKEN, or a mounted cache in HF_HOME with HF_HUB_OFFLINE=1). On Kubernetes
-# and the VM launcher (infra/) every node gets these from its pod spec or env file as well; forwarding them makes a
-# job submitted from a laptop or a CI runner work the same. S3 credentials are not forwarded: nodes use their own
-# role (IRSA, instance profile) or their own environment.
+# What a job's workers and replicas need from the driver's environment: factory's own settings, and where the models
+# are (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT). No secret is forwarded: the runtime env is shown by the
+# dashboard and the state API to anyone who can reach them. FLUX.1-dev is gated, and its token reaches workers the
+# way S3 credentials do, from the node itself: HF_TOKEN in the pod or host environment (infra/), which Ray's workers
+# inherit (a private Ray's too: its processes are the driver's children), or a token file, whose path
+# (HF_TOKEN_PATH, default $HF_HOME/token on a shared mount) is forwarded since a path is no secret.
 FORWARDED_ENV = ("FACTORY_HOME", "FACTORY_LOG_LEVEL", "FACTORY_LOG_JSON", "FACTORY_FAILPOINT",
-                 "HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE")
+                 "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_TOKEN_PATH")
 
 
 def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`); else start a private one.
+    """Join the cluster at `address` (or $RAY_ADDRESS, as under `ray job submit`); else start a private one. Either
+    way, refuse one that lets callers in without a token (factory.jobs.cluster_auth): every command that runs work
+    on Ray comes through here.
 
     A private Ray listens on loopback only (GCS, raylet, object manager, core workers, dashboard and runtime-env
-    agents, metrics) and has no dashboard; Ray's token auth (on by default for a new local cluster since Ray
-    2.52, or as RAY_AUTH_MODE says) is unchanged. Ray's, Ray Data's and Serve's own logs go to files, not the
-    console; workers' warnings and errors still reach it (see factory.logs).
+    agents, metrics), has no dashboard, and checks a token of its own (see _start_private_ray). Ray's, Ray Data's
+    and Serve's own logs go to files, not the console; workers' warnings and errors still reach it (see
+    factory.logs).
     """
     import ray
 
@@ -46,9 +51,10 @@ def connect(address: str | None = None) -> None:
         "log_to_driver": True,  # workers' warnings and errors reach the console, filtered below
     }
     if address:
-        ray.init(address=address, **options)
+        _join(address, **options)
     else:
         _start_private_ray(**options)
+    require_token_auth()
     filter_forwarded_worker_output()  # workers: their warnings and errors, not Serve's or Ray Data's INFO
     quiet_ray_data()  # ray.init(configure_logging=False) cleared the "ray" logger's handlers; keep it routed
 
@@ -71,8 +77,30 @@ def _worker_runtime_env() -> dict | None:
     return runtime_env or None
 
 
+def _join(address: str, **options) -> None:
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, **options)
+    except (AuthenticationError, ConnectionError):
+        # Ray says only "Failed to connect" when its GCS refused this process's token, or the lack of one.
+        if not wants_token(address):
+            raise
+        raise UnsafeCluster(
+            f"the Ray at {address} wants its token, and this process has none or another: set RAY_AUTH_MODE=token "
+            "and the cluster's token in RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH (README: On a Ray "
+            "cluster)"
+        ) from None
+
+
 def _start_private_ray(**options) -> None:
-    """A new Ray instance for this process alone, with every server of the node on loopback.
+    """A new Ray instance for this process alone, with every server of the node on loopback, checking a token.
+
+    Token auth is as RAY_AUTH_MODE says, on when unset (ray.init's default for a new local instance). Where this
+    process has no token of its own (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH), it gets a fresh random one, in its
+    environment and its Ray's (the GCS, raylet and workers are its children) and nowhere else: Ray would otherwise
+    write, or reuse, ~/.ray/auth_token, a token every `ray start` of the same user picks up later.
 
     Ray binds a node's servers (GCS, raylet and object manager, core workers, dashboard agent, runtime-env
     agent, metrics exporters, the headless dashboard and autoscaler monitor) to the node IP when that is a
@@ -83,11 +111,13 @@ def _start_private_ray(**options) -> None:
     imported (usually before this runs). Both are set for the duration of ray.init only, so this process can
     still join a real cluster later; the started processes get the node IP on their command lines.
     """
-    import ipaddress
-
     import ray
     from ray._private import ray_constants
+    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
 
+    if os.environ.get(AUTH_MODE_ENV_VAR, "token").lower() == "token" and not (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # 256 bits, as `ray get-auth-token --generate`
     variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     saved_env, saved_flag = os.environ.get(variable), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[variable] = "0"
@@ -103,13 +133,12 @@ def _start_private_ray(**options) -> None:
             os.environ.pop(variable, None)
         else:
             os.environ[variable] = saved_env
-    node_ip = ray._private.worker._global_node.node_ip_address
-    try:
-        loopback = ipaddress.ip_address(node_ip).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:  # a Ray upgrade changed how it picks the node IP (tests/integration/test_console.py)
-        log.warning("the local Ray listens beyond loopback", node_ip=node_ip)
+    # Fail closed: a Ray upgrade that changed how it picks the node IP (tests/integration/test_console.py) would
+    # otherwise leave this Ray's servers on every interface.
+    refusal = private_ray_refusal(ray._private.worker._global_node.node_ip_address)
+    if refusal is not None:
+        ray.shutdown()
+        raise UnsafeCluster(refusal)
 
 
 def quiet_ray_data() -> None:
@@ -166,7 +195,7 @@ def deploy(spec, app_name: str, registry=None, *, owned: bool) -> None:
     from factory.routing.app import replica_fingerprint, replica_setup
     from factory.routing.replica import SERVE_DEFINITION_LOCK, build_replica_app
 
-    config, sizing = replica_setup(spec.profile, spec.serve, spec.safety, spec.performance, registry)
+    config, sizing = replica_setup(spec.profile, spec.serve, spec.safety, spec.performance, registry, spec.revisions)
     fingerprint = replica_fingerprint(config, sizing)  # the same as a `factory serve` fleet's (joinable)
     if running_fingerprint(app_name) == fingerprint:
         # serve.run from Python restarts every replica even for an identical app; a warm one is reused.

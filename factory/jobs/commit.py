@@ -18,6 +18,7 @@ import io
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Collection
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,10 +27,11 @@ import pyarrow.parquet as pq
 import structlog
 
 from factory.errors import FactoryError
-from factory.io.layout import OutputLayout
+from factory.io.layout import UNATTRIBUTED, OutputLayout
 from factory.io.storage import Storage
 from factory.jobs.faults import failpoint
 from factory.jobs.summary import ChunkStats
+from factory.routing.tenants import is_name
 
 log = structlog.get_logger(__name__)
 
@@ -80,8 +82,9 @@ TENANT_PARTITIONING = pds.partitioning(pa.schema([("tenant", pa.string())]), fla
 
 
 def read_table(storage: Storage, uri: str, columns: list[str] | None = None, hive: bool = False) -> pa.Table | None:
-    """All Parquet files under `uri` (results, with `hive` for their tenant folders, or rejects) as one table, or
-    None when nothing has been written there yet. For people and tests: the run itself never reads results back."""
+    """All Parquet files under `uri` (results or rejects; `hive` restores the tenant column from their tenant
+    folders) as one table, or None when nothing has been written there yet. For people and tests: the run itself
+    never reads results back."""
     if not any(True for _ in storage.list_files(uri, suffixes=[".parquet"])):
         return None
     filesystem, path = storage.arrow_filesystem(uri)
@@ -111,6 +114,27 @@ def publish(storage: Storage, uri: str, data: bytes) -> None:
 def publish_once(storage: Storage, uri: str, data: bytes) -> bool:
     """For objects whose content is a function of the inputs (rejects): the first copy stays. True if written."""
     return storage.put_if_absent(uri, data)
+
+
+def reject_partition(tenant: str | None, known: Collection[str] | None) -> str:
+    """The tenant folder a reject goes to: its tenant when that is a name the run knows (any name without a
+    registry), else `UNATTRIBUTED`, so a row can never put its raw text into another tenant's folder or invent one."""
+    if tenant is None or not is_name(tenant) or (known is not None and tenant not in known):
+        return UNATTRIBUTED
+    return tenant
+
+
+def publish_rejects(storage: Storage, layout: OutputLayout, rejects: list[dict], name: str, kind: str | None = None,
+                    *, known: Collection[str] | None = None) -> dict[str, int]:
+    """Publish rejects (rows of REJECT_SCHEMA) as one part per tenant folder, each kept once (`publish_once`);
+    returns how many went to each folder. `known`: the registry's tenants, or None for any name."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for reject in rejects:
+        groups[reject_partition(reject["tenant"], known)].append(reject)
+    for tenant, group in sorted(groups.items()):
+        table = pa.Table.from_pylist(group, schema=REJECT_SCHEMA).drop_columns(["tenant"])
+        publish_once(storage, layout.reject_part(tenant, name, kind), parquet_bytes(table))
+    return {tenant: len(group) for tenant, group in sorted(groups.items())}
 
 
 class ChunkCommitter:

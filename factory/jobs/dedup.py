@@ -1,14 +1,15 @@
 """Duplicate ids across a whole run, with memory bounded per shard.
 
-Every valid row contributes one key (id, chunk ordinal, line). Keys are spread over shards of about
-`SHARD_KEYS` by a stable hash of the id and Ray Data groups them by shard, so a worker holds one shard's keys at
-a time (never every id of the run in one process). Within a shard, an id seen more than once is owned by its
-first occurrence in input order (plan order of chunks, then line): the same occurrence on every attempt,
-whatever order workers ran in. Every other occurrence is written, per chunk, to a small file the chunk's worker
-reads to reject those rows.
+Ids are per tenant: two tenants may both use `p1`, and only a tenant's own rows can make its row a duplicate.
+Every valid row contributes one key (tenant, id, chunk ordinal, line). Keys are spread over shards of about
+`SHARD_KEYS` by a stable hash of (tenant, id) and Ray Data groups them by shard, so a worker holds one shard's
+keys at a time (never every id of the run in one process). Within a shard, a (tenant, id) seen more than once is
+owned by its first occurrence in input order (plan order of chunks, then line): the same occurrence on every
+attempt, whatever order workers ran in. Every other occurrence is written, per chunk, to a small file the chunk's
+worker reads to reject those rows, naming the owner: a row of the same tenant.
 
-Cost: a key is the id plus three integers (~40 bytes in Arrow for typical ids), so ten million ids are 200
-shards and ~0.4 GB moved once through Ray's object store (spilled to disk past its memory); a shard is ~2 MB.
+Cost: a key is the tenant and id plus three integers (~50 bytes in Arrow for typical ids), so ten million ids are
+200 shards and ~0.5 GB moved once through Ray's object store (spilled to disk past its memory); a shard is ~2.5 MB.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from factory.jobs.summary import ChunkValidation
 SHARD_KEYS = 50_000
 MAX_SHARDS = 4096
 
-KEY_SCHEMA = pa.schema([("id", pa.string()), ("ordinal", pa.int32()), ("line", pa.int64()), ("shard", pa.int32())])
+KEY_SCHEMA = pa.schema([("tenant", pa.string()), ("id", pa.string()), ("ordinal", pa.int32()), ("line", pa.int64()),
+                        ("shard", pa.int32())])
 DUPLICATE_SCHEMA = pa.schema([("line", pa.int64()), ("id", pa.string()), ("owner", pa.string())])
 
 
@@ -51,14 +53,16 @@ def shard_count(total_rows: int) -> int:
     return max(1, min(MAX_SHARDS, -(-total_rows // SHARD_KEYS)))
 
 
-def key_table(ids: pa.Array | pa.ChunkedArray, lines: pa.Array | pa.ChunkedArray, *, ordinal: int,
-              shards: int) -> pa.Table:
-    """One chunk's keys: the id, where it is (chunk ordinal, line) and its shard (a stable hash of the id)."""
+def key_table(tenants: pa.Array | pa.ChunkedArray, ids: pa.Array | pa.ChunkedArray,
+              lines: pa.Array | pa.ChunkedArray, *, ordinal: int, shards: int) -> pa.Table:
+    """One chunk's keys: the tenant and id, where it is (chunk ordinal, line) and its shard (a stable hash of
+    tenant/id: a tenant is a name, never containing '/')."""
     count = len(ids)
-    shard = np.fromiter((zlib.crc32(row_id.encode()) % shards for row_id in ids.to_pylist()), dtype=np.int32,
-                        count=count)
+    shard = np.fromiter((zlib.crc32(f"{tenant}/{row_id}".encode()) % shards
+                         for tenant, row_id in zip(tenants.to_pylist(), ids.to_pylist(), strict=True)),
+                        dtype=np.int32, count=count)
     return pa.table({
-        "id": ids, "ordinal": pa.array(np.full(count, ordinal, dtype=np.int32)), "line": lines,
+        "tenant": tenants, "id": ids, "ordinal": pa.array(np.full(count, ordinal, dtype=np.int32)), "line": lines,
         "shard": pa.array(shard),
     }, schema=KEY_SCHEMA)
 
@@ -69,19 +73,20 @@ def find_duplicates(keys: pa.Table, chunks: list[tuple[str, str]], layout: Outpu
     written = {"chunk": [], "shard": []}
     if keys.num_rows == 0:
         return pa.table(written, schema=pa.schema([("chunk", pa.string()), ("shard", pa.int32())]))
-    counts = keys.group_by("id").aggregate([("line", "count")])
-    repeated = counts.filter(pc.greater(counts["line_count"], 1))["id"]
-    if len(repeated):
+    identity = ["tenant", "id"]
+    counts = keys.group_by(identity).aggregate([("line", "count")])
+    repeated = counts.filter(pc.greater(counts["line_count"], 1)).select(identity)
+    if repeated.num_rows:
         shard = int(keys["shard"][0].as_py())
-        rows = keys.filter(pc.is_in(keys["id"], value_set=repeated)).sort_by(
-            [("id", "ascending"), ("ordinal", "ascending"), ("line", "ascending")]
+        rows = keys.join(repeated, keys=identity, join_type="inner").sort_by(
+            [("tenant", "ascending"), ("id", "ascending"), ("ordinal", "ascending"), ("line", "ascending")]
         )
         per_chunk: dict[str, list[tuple[int, str, str]]] = {}
-        owner_id, owner = None, ""
-        for row in rows.select(["id", "ordinal", "line"]).to_pylist():
+        owner_key, owner = None, ""
+        for row in rows.select(["tenant", "id", "ordinal", "line"]).to_pylist():
             chunk, manifest = chunks[row["ordinal"]]
-            if row["id"] != owner_id:
-                owner_id, owner = row["id"], f"{manifest}#{row['line']}"
+            if (row["tenant"], row["id"]) != owner_key:
+                owner_key, owner = (row["tenant"], row["id"]), f"{manifest}#{row['line']}"
                 continue
             per_chunk.setdefault(chunk, []).append((row["line"], row["id"], owner))
         for chunk, found in sorted(per_chunk.items()):

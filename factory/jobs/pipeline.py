@@ -12,16 +12,16 @@ and commit chunks themselves and report counts to the run's tally, which the pro
 from __future__ import annotations
 
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-import pyarrow as pa
 import structlog
 
 from factory.errors import FactoryError
-from factory.io.layout import OutputLayout
+from factory.io.layout import UNATTRIBUTED, OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.commit import REJECT_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_once
+from factory.jobs.commit import STAGED_REQUESTS, VALIDATED, publish_rejects
 from factory.jobs.durable import check_durable_output
 from factory.jobs.dedup import DedupIndex, find_duplicates, shard_count
 from factory.jobs.manifests import expand_manifest_uris
@@ -33,7 +33,7 @@ from factory.jobs.runs import (
     MARKER_READERS, budget_stop, chunk_finished, chunk_states, generation_defaults, output_root, read_markers,
     start_tally, worker_failure,
 )
-from factory.jobs.spec import JobSpec
+from factory.jobs.spec import JobSpec, pin_models
 from factory.jobs.summary import (
     ChunkStats, ChunkValidation, RunSummary, ValidationSummary, summarize_run,
 )
@@ -69,7 +69,7 @@ class Run:
         ctx = ValidateContext(
             run_id=self.run_id, layout=self.layout, storage=self.storage, defaults=generation_defaults(self.spec),
             shards=1, registry=self.registry, tally=tally, catalog=self.spec.catalog,
-            catalog_sources=self.catalog_sources,
+            catalog_sources=self.catalog_sources, input_roots=tuple(self.spec.input_roots),
         )
         return replace(ctx, shards=shard_count(sum(ctx.expected_rows(chunk) for chunk in self.plan.chunks)))
 
@@ -87,7 +87,7 @@ def open_run(spec: JobSpec, run_id: str | None) -> Run:
     plan = load_or_build_plan(manifests, storage, spec.chunk_rows, layout.plan)
     if plan.problems:
         rejects = [reject_row(run_id, problem.source, 0, "manifest", problem.reason) for problem in plan.problems]
-        publish_once(storage, layout.reject_part("plan"), parquet_bytes(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)))
+        publish_rejects(storage, layout, rejects, "plan")  # no tenant: rejects/tenant=_unknown/
     registry = TenantRegistry.from_file(spec.tenants) if spec.tenants else None
     return Run(spec=spec, run_id=run_id, storage=storage, layout=layout, plan=plan,
                states=chunk_states(storage, layout), registry=registry, started=started,
@@ -160,7 +160,7 @@ def _keys(run: Run, ctx: ValidateContext, tally):
         paths = {run.storage.arrow_filesystem(run.layout.chunk_file(chunk.id, STAGED_REQUESTS))[1]: chunk.ordinal
                  for chunk in done}
         branches.append(ray.data.read_parquet(
-            list(paths), filesystem=filesystem, columns=["id", "line"], include_paths=True,
+            list(paths), filesystem=filesystem, columns=["tenant", "id", "line"], include_paths=True,
         ).map_batches(staged_keys, fn_kwargs={"ordinals": paths, "shards": ctx.shards}, batch_format="pyarrow",
                       batch_size=None, num_cpus=VALIDATE_CPUS))
         tally.add.remote({"validated_rows": sum(chunk.rows for chunk in done)})
@@ -188,6 +188,7 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
     from factory.jobs.caller import CallContext, ChunkCaller
     from factory.jobs.cluster import connect, default_app_name, deploy, release, wait_until_ready
 
+    spec = pin_models(spec)  # once per job: replicas, results and reuse keys name the same commits
     if spec.archive is not None:  # image archives: the same road, chunks planned as the sources are listed
         from factory.jobs.archive import run_archive_job
 
@@ -309,6 +310,8 @@ def validate_job(spec: JobSpec, run_id: str | None = None, address: str | None =
         requests=total.requests, rejects=total.rejects + total.duplicates + len(run.plan.problems),
         duplicates=total.duplicates, unreadable_manifests=len(run.plan.problems), tenants=total.tenants,
         tasks=total.tasks, adapters=total.adapters, reject_fields=total.reject_fields,
+        reject_tenants=dict(sorted((Counter(total.reject_tenants) + Counter({UNATTRIBUTED: len(run.plan.problems)})
+                                    ).items())),
         model_seconds=round(model_seconds, 1), estimate_basis=f"{spec.profile} on {cost.hardware}: {cost.basis}",
         rows_read=counts.get("rows_read", 0), rows_read_again=counts.get("rows_read_again", 0),
         wall_seconds=round(wall, 2),

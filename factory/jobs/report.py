@@ -44,7 +44,8 @@ def _counts_table(title: str, counts: dict[str, int]) -> Table:
 def print_validation(summary: ValidationSummary, console: Console | None = None) -> None:
     console = console or Console(stderr=False)
     for title, counts in (("rows by tenant", summary.tenants), ("rows by task", summary.tasks),
-                          ("rows by adapter", summary.adapters), ("rejects by field", summary.reject_fields)):
+                          ("rows by adapter", summary.adapters), ("rejects by field", summary.reject_fields),
+                          ("rejects by tenant", summary.reject_tenants)):
         if counts:
             console.print(_counts_table(title, counts))
     hours = summary.model_seconds / 3600
@@ -52,6 +53,7 @@ def print_validation(summary: ValidationSummary, console: Console | None = None)
         f"{summary.rows} input rows: {summary.requests} would run, {summary.rejects} rejects ({summary.duplicates} duplicate "
         f"ids, {summary.unreadable_manifests} unreadable manifests); estimated model time {summary.model_seconds:.0f} s "
         f"({hours:.2f} h) for {summary.estimate_basis}; validated in {summary.wall_seconds:.1f} s "
-        f"({summary.rows_per_second:.0f} rows/s); rejects and counts under {summary.output}",
+        f"({summary.rows_per_second:.0f} rows/s); counts under {summary.output}, rejects under "
+        f"{summary.output}/rejects/tenant=<tenant>/",
         soft_wrap=True,
     )

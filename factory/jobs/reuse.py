@@ -120,12 +120,13 @@ def remember(storage: Storage, ctx: ReuseContext, key: str, result: TaskResult, 
 
 
 def reuse_context(spec, registry, storage: Storage) -> ReuseContext:
-    """The job's side of every content key: its profile as its replicas will run it, its safety policy, and the
-    sha256 of each adapter it may use (a pinned digest, or the file's, read once here)."""
-    from factory.model.profiles import get_profile, with_performance
+    """The job's side of every content key: its profile as its replicas will run it (its speed options, and the
+    commits `pin_models` pinned its hub checkpoints to), its safety policy, and the sha256 of each adapter it may
+    use (a pinned digest, or the file's, read once here)."""
+    from factory.model.profiles import get_profile, with_performance, with_revisions
     from factory.model.stack import model_version
 
-    profile = with_performance(get_profile(spec.profile), spec.performance)
+    profile = with_revisions(with_performance(get_profile(spec.profile), spec.performance), spec.revisions)
     adapters = {}
     for ref in registry.adapters() if registry is not None else []:
         try:

@@ -24,9 +24,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from factory.errors import ConfigError, Loc, one_line, validation_problems
+from factory.io.roots import normalise_root
 from factory.jobs.catalog import CatalogSpec
 from factory.model.performance import Performance
-from factory.model.profiles import get_profile
+from factory.model.profiles import get_profile, with_revisions
+from factory.model.revisions import hub_revisions, pin_revisions
 from factory.routing.requests import MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE
 from factory.safety.policy import SafetyPolicy
 
@@ -138,6 +140,10 @@ class ErrorBudget(_Section):
 def _input_from_spec_dir(value: str, info: ValidationInfo) -> str:
     # Per item, so an error names inputs[i] (or sources[i]) rather than the whole list.
     return _resolve_location(value, _spec_dir(info))
+
+
+def _root_from_spec_dir(value: str, info: ValidationInfo) -> str:
+    return normalise_root(value, _spec_dir(info))
 
 
 class RetryConfig(_Section):
@@ -264,6 +270,14 @@ class JobSpec(_Section):
         default=False,
         description="Allow http(s):// image inputs (public addresses only); off because rows come from users",
     )
+    input_roots: list[Annotated[str, Field(min_length=1), AfterValidator(_root_from_spec_dir)]] = Field(
+        default_factory=list,
+        description="Where every tenant's images may be, added to each tenant's own `inputs` in the tenants "
+        "registry: local folders (relative to the spec file's folder), s3://bucket/prefix/ or "
+        "http(s)://host/prefix/. A row whose image resolves elsewhere (after '..', percent-escapes and symbolic "
+        "links) is rejected before it is read. A tenant with no roots from either reads only under its own "
+        "manifest's folder",
+    )
     tenants: str | None = Field(
         default=None, description="Tenants registry YAML; a relative path is relative to the spec file's folder"
     )
@@ -284,6 +298,22 @@ class JobSpec(_Section):
         "factory.model.performance.Performance: compile, fuse_qkv, quantization, attention_backend, cache, "
         "vae_channels_last, vae_tiling_min_pixels, warmup); the options not named keep the profile's values",
     )
+    revisions: dict[str, str] | None = Field(
+        default=None,
+        description="Hub revisions for the profile's checkpoints, by component (generator, vlm): a commit, branch "
+        "or tag. When the job starts, each hub checkpoint's revision (these or the profile's) is resolved to its "
+        "commit once; every replica loads that commit and results and reuse keys record it",
+    )
+
+    @field_validator("revisions")
+    @classmethod
+    def _known_components(cls, value: dict[str, str] | None, info: ValidationInfo) -> dict[str, str] | None:
+        if value:
+            try:
+                with_revisions(get_profile(info.data.get("profile", "tiny")), value)
+            except ConfigError as error:
+                raise ValueError(str(error).removeprefix("revisions: ")) from None
+        return value
 
     @field_validator("performance")
     @classmethod
@@ -359,6 +389,13 @@ def _resolve_location(uri: str, base: str) -> str:
 def resolved_num_gpus(spec: JobSpec) -> float:
     """GPUs one replica reserves: serve.num_gpus when set, else one for a GPU profile and none for a CPU one."""
     return get_profile(spec.profile).replica_gpus(spec.serve.num_gpus)
+
+
+def pin_models(spec: JobSpec) -> JobSpec:
+    """The spec with `revisions` naming the commit of each of its profile's hub checkpoints, resolved now: once per
+    job, so its replicas, its results and its reuse keys all name the same weights. Raises `ModelError`."""
+    profile = with_revisions(get_profile(spec.profile), spec.revisions)
+    return spec.model_copy(update={"revisions": hub_revisions(pin_revisions(profile)) or None})
 
 
 # ---- loading -----------------------------------------------------------------------------------------

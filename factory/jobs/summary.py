@@ -127,6 +127,10 @@ class ChunkValidation(BaseModel):
     tasks: dict[str, int] = Field(default_factory=dict)
     adapters: dict[str, int] = Field(default_factory=dict)
     reject_fields: dict[str, int] = Field(default_factory=dict)
+    reject_tenants: dict[str, int] = Field(
+        default_factory=dict, description="Rejects (duplicates included) by the tenant folder they went to "
+        "(rejects/tenant=<t>/; _unknown for rows of no known tenant)",
+    )
     generate_step_megapixels: float = Field(
         default=0.0, description="Sum over generation rows of steps x megapixels: what generation time scales with"
     )
@@ -141,6 +145,7 @@ class ChunkValidation(BaseModel):
                 mine[key] = mine.get(key, 0) - count
                 if not mine[key]:
                     del mine[key]
+        self.reject_tenants = _merged(self.reject_tenants, other.tenants)
         self.generate_step_megapixels -= other.generate_step_megapixels
 
     def merge(self, other: ChunkValidation) -> None:
@@ -152,6 +157,7 @@ class ChunkValidation(BaseModel):
         self.tasks = _merged(self.tasks, other.tasks)
         self.adapters = _merged(self.adapters, other.adapters)
         self.reject_fields = _merged(self.reject_fields, other.reject_fields)
+        self.reject_tenants = _merged(self.reject_tenants, other.reject_tenants)
         self.generate_step_megapixels += other.generate_step_megapixels
 
 
@@ -168,6 +174,10 @@ class ValidationSummary(BaseModel):
     tasks: dict[str, int]
     adapters: dict[str, int]
     reject_fields: dict[str, int]
+    reject_tenants: dict[str, int] = Field(
+        default_factory=dict, description="Rejects by tenant folder (rejects/tenant=<t>/), duplicates and "
+        "unreadable manifests (_unknown) included",
+    )
     model_seconds: float = Field(description="Estimated model time for the requests, from the profile's figures")
     estimate_basis: str
     rows_read: int

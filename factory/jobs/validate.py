@@ -1,11 +1,12 @@
 """The validate stage: a chunk's manifest rows become typed requests or rejects, once per run.
 
-A worker reads exactly its chunk's rows, validates each, resolves its task and adapter, and writes three things
-under the run's output: the chunk's rejects (one part, whose content is a function of the inputs, so a repeat
-attempt keeps the first copy), the accepted requests as typed Arrow columns (what the model stage runs), and a
-`validated` marker with the chunk's counts. It returns the keys (id, chunk, line) that duplicate detection
-needs; the keys of a chunk an earlier attempt validated come from its staged requests (`staged_keys`), without
-reading the manifest again.
+A worker reads exactly its chunk's rows, validates each, resolves its task and adapter, checks that its image lies
+under its tenant's input roots (`TenantRoots`), and writes three things under the run's output: the chunk's
+rejects (one part per tenant folder, whose content is a function of the inputs, so a repeat attempt keeps the
+first copy), the accepted requests as typed Arrow columns (what the model stage runs), and a `validated` marker
+with the chunk's counts. It returns the keys (tenant, id, chunk, line) that duplicate detection needs; the keys
+of a chunk an earlier attempt validated come from its staged requests (`staged_keys`), without reading the
+manifest again.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import structlog
 
 from factory.errors import InputError
 from factory.io.layout import OutputLayout
+from factory.io.roots import InputRoots, folder_of
 from factory.io.storage import Storage
 from factory.jobs.catalog import CatalogSpec, ExpansionError, Size, checks_of, expand_product
 from factory.jobs.commit import (
-    READING, REJECT_SCHEMA, REQUEST_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_once, read_parquet_bytes,
+    READING, REQUEST_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_rejects, read_parquet_bytes,
 )
 from factory.jobs.dedup import KEY_SCHEMA, DedupIndex, key_table, load_duplicates
 from factory.jobs.faults import failpoint
@@ -56,6 +58,12 @@ class ValidateContext:
     tally: Any = None  # the run's RunTally actor, or None
     catalog: CatalogSpec | None = None  # product files among the chunks' sources expand through it
     catalog_sources: frozenset[str] = frozenset()
+    input_roots: tuple[str, ...] = ()  # the job's own input roots (normalised), added to every tenant's
+
+    @property
+    def known_tenants(self) -> list[str] | None:
+        """The tenants a reject may be filed under; None: any name (no registry)."""
+        return self.registry.tenants if self.registry is not None else None
 
     def expected_rows(self, chunk: Chunk) -> int:
         """The rows a chunk becomes: its lines, or for a catalog chunk the most rows its products expand into
@@ -63,6 +71,24 @@ class ValidateContext:
         if self.catalog is not None and chunk.source in self.catalog_sources:
             return chunk.rows * self.catalog.rows_per_product()
         return chunk.rows
+
+
+class TenantRoots:
+    """Where each tenant's images may be, for the rows of one manifest: the tenant's `inputs` from the registry
+    plus the job's `input_roots`; a tenant with neither reads only under this manifest's own folder (for a catalog,
+    the product file's). Built once per tenant; the same rule at validation and again at the fetch."""
+
+    def __init__(self, ctx: ValidateContext, manifest: str) -> None:
+        self.ctx, self.manifest = ctx, manifest
+        self._roots: dict[str, InputRoots] = {}
+
+    def of(self, tenant: str) -> InputRoots:
+        roots = self._roots.get(tenant)
+        if roots is None:
+            own = self.ctx.registry.input_roots(tenant) if self.ctx.registry is not None else ()
+            allowed = (*own, *self.ctx.input_roots) or (folder_of(self.manifest),)
+            roots = self._roots[tenant] = InputRoots(f"tenant {tenant}", tuple(dict.fromkeys(allowed)))
+        return roots
 
 
 def relative_to_manifest(request: TaskRequest, manifest: str) -> TaskRequest:
@@ -115,12 +141,14 @@ def validate_chunk(ctx: ValidateContext, chunk: Chunk) -> tuple[ChunkValidation,
     requests: list[dict] = []
     rejects: list[dict] = []
     rows_read = 0
+    roots = TenantRoots(ctx, chunk.source)
     try:
         expand = ctx.catalog is not None and chunk.source in ctx.catalog_sources
         for record in iter_range_records(chunk.source, ctx.storage, chunk.first_line, chunk.last_line,
                                          start=chunk.start, end=chunk.end, columns=chunk.columns):
             rows_read += 1
-            for request, reject in (_expand_one(ctx, record) if expand else [_validate_one(ctx, record)]):
+            for request, reject in (_expand_one(ctx, record, roots) if expand else
+                                    [_validate_one(ctx, record, roots)]):
                 if reject is not None:
                     rejects.append(reject)
                 else:
@@ -129,12 +157,11 @@ def validate_chunk(ctx: ValidateContext, chunk: Chunk) -> tuple[ChunkValidation,
         # The bytes of this chunk cannot be decoded (a broken gzip member, a corrupt Parquet page): the rows
         # read so far stand, the rest of the chunk is one reject naming the file and where it broke.
         rejects.append(reject_row(ctx.run_id, chunk.source, chunk.first_line + rows_read, "manifest", str(error)))
-    if rejects:
-        table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
-        publish_once(ctx.storage, ctx.layout.reject_part(chunk.id, ROWS_REJECTS), parquet_bytes(table))
+    by_tenant = publish_rejects(ctx.storage, ctx.layout, rejects, chunk.id, ROWS_REJECTS, known=ctx.known_tenants)
     staged = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
     stats = count_requests(chunk.id, staged)
     stats.rows_read, stats.read_before, stats.rejects = rows_read, read_before, len(rejects)
+    stats.reject_tenants = by_tenant
     stats.reject_fields = dict(Counter(reject["field"] for reject in rejects))
     ctx.storage.write_bytes(ctx.layout.chunk_file(chunk.id, STAGED_REQUESTS), parquet_bytes(staged))
     failpoint("validate.before_marker", chunk.ordinal)
@@ -142,7 +169,8 @@ def validate_chunk(ctx: ValidateContext, chunk: Chunk) -> tuple[ChunkValidation,
     return stats, staged
 
 
-def _validate_one(ctx: ValidateContext, record: ManifestRecord) -> tuple[TaskRequest | None, dict | None]:
+def _validate_one(ctx: ValidateContext, record: ManifestRecord,
+                  roots: TenantRoots) -> tuple[TaskRequest | None, dict | None]:
     raw = record.raw
     row, reject = validate_record(record)
     if reject is not None:
@@ -154,10 +182,18 @@ def _validate_one(ctx: ValidateContext, record: ManifestRecord) -> tuple[TaskReq
     except RequestError as error:
         return None, reject_row(ctx.run_id, record.source, record.line, error.field, error.reason, raw, row.id,
                                 row.tenant)
-    return relative_to_manifest(request, record.source), None
+    request = relative_to_manifest(request, record.source)
+    if request.image is not None:
+        try:  # here, so `factory validate` reports it too; the fetch checks again (links can change meanwhile)
+            roots.of(request.tenant).check(request.image)
+        except InputError as error:
+            return None, reject_row(ctx.run_id, record.source, record.line, "image", str(error), raw, row.id,
+                                    row.tenant)
+    return request, None
 
 
-def _expand_one(ctx: ValidateContext, record: ManifestRecord) -> list[tuple[TaskRequest | None, dict | None]]:
+def _expand_one(ctx: ValidateContext, record: ManifestRecord,
+                roots: TenantRoots) -> list[tuple[TaskRequest | None, dict | None]]:
     """A catalog product: its generation rows, each validated like a manifest row; or one reject naming why."""
     assert ctx.catalog is not None
     raw = record.raw
@@ -175,7 +211,7 @@ def _expand_one(ctx: ValidateContext, record: ManifestRecord) -> list[tuple[Task
     checks = checks_of(ctx.catalog)
     out: list[tuple[TaskRequest | None, dict | None]] = []
     for row in rows:
-        request, reject = _validate_one(ctx, ManifestRecord(record.source, record.line, row))
+        request, reject = _validate_one(ctx, ManifestRecord(record.source, record.line, row), roots)
         if request is not None and checks:
             request = request.model_copy(update={"checks": tuple(checks)})
         out.append((request, reject))
@@ -196,22 +232,25 @@ def chunk_keys(batch: dict[str, np.ndarray], ctx: ValidateContext) -> pa.Table:
         if ctx.tally is not None:
             ctx.tally.add.remote({"validated_rows": chunk.rows, "rows_read": stats.rows_read,
                                   "rows_read_again": stats.rows_read if stats.read_before else 0})
-        tables.append(key_table(staged["id"], staged["line"], ordinal=chunk.ordinal, shards=ctx.shards))
+        tables.append(key_table(staged["tenant"], staged["id"], staged["line"], ordinal=chunk.ordinal,
+                                shards=ctx.shards))
     return pa.concat_tables(tables)
 
 
 def staged_keys(batch: pa.Table, ordinals: dict[str, int], shards: int) -> pa.Table:
-    """Ray Data UDF over staged requests read back (id, line, path): the keys of chunks validated earlier."""
+    """Ray Data UDF over staged requests read back (tenant, id, line, path): the keys of chunks validated
+    earlier."""
     tables = []
     paths = batch["path"]
     for path in pc.unique(paths).to_pylist():
         rows = batch.filter(pc.equal(paths, path))
-        tables.append(key_table(rows["id"], rows["line"], ordinal=ordinals[path], shards=shards))
+        tables.append(key_table(rows["tenant"], rows["id"], rows["line"], ordinal=ordinals[path], shards=shards))
     return pa.concat_tables(tables) if tables else KEY_SCHEMA.empty_table()
 
 
 def write_duplicate_rejects(ctx: ValidateContext, chunk: Chunk, index: DedupIndex) -> ChunkValidation:
-    """The chunk's rows whose id an earlier row owns, as rejects naming the owner; returns them counted."""
+    """The chunk's rows whose id an earlier row of the same tenant owns, as rejects naming that owner (never
+    another tenant's manifest or line); returns them counted."""
     duplicates = load_duplicates(ctx.storage, ctx.layout, chunk.id, index)
     if not duplicates:
         return ChunkValidation(chunk=chunk.id)
@@ -224,8 +263,7 @@ def write_duplicate_rejects(ctx: ValidateContext, chunk: Chunk, index: DedupInde
         rejects.append(reject_row(ctx.run_id, chunk.source, row["line"], "id",
                                   f"duplicate id {row['id']!r} (first at {duplicates[row['line']][1]})",
                                   fields, row["id"], row["tenant"]))
-    table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
-    publish_once(ctx.storage, ctx.layout.reject_part(chunk.id, DUPLICATE_REJECTS), parquet_bytes(table))
+    publish_rejects(ctx.storage, ctx.layout, rejects, chunk.id, DUPLICATE_REJECTS, known=ctx.known_tenants)
     return count_requests(chunk.id, repeated)
 
 

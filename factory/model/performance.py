@@ -83,6 +83,10 @@ class WarmupShape(_Options):
     width: int = Field(ge=16, le=2048, multiple_of=16)
     height: int = Field(ge=16, le=2048, multiple_of=16)
     steps: int = Field(ge=1, le=100)
+    references: int = Field(
+        default=0, ge=0, le=10, description="0: text-to-image; n: an edit with n references of this size (their "
+        "tokens lengthen the sequence, so an edit is a shape of its own to compile)",
+    )
 
 
 class Performance(_Options):

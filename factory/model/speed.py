@@ -3,6 +3,11 @@
 `prepare` runs right after loading (layers first, then processors and hooks); `compile_transformer` runs last,
 after the LoRA pool has enabled hot-swap and loaded its first adapter, so switching adapters later never
 recompiles. `configure_call` sets what depends on a call's shape (VAE tiling, MagCache's step count).
+
+The same options apply to FLUX.1's `FluxTransformer2DModel` and FLUX.2's `Flux2Transformer2DModel`: both keep their
+blocks in `transformer_blocks` and `single_transformer_blocks` and name them in `_repeated_blocks` (regional
+compile), and diffusers' cache hooks know both block classes. A profile with two transformers (FLUX.1 [dev] and
+Kontext [dev]) prepares and compiles each (`prepare_transformer`, `compile_transformer`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,19 @@ def check_device(options: Performance, device: str) -> None:
 def prepare(pipe: Any, options: Performance, device: str) -> None:
     """Everything but compiling, on a pipeline already on its device."""
     check_device(options, device)
-    transformer = pipe.transformer
+    prepare_transformer(pipe.transformer, options)
+    if options.vae_channels_last:
+        import torch
+
+        pipe.vae.to(memory_format=torch.channels_last)
+
+
+def prepare_transformer(transformer: Any, options: Performance) -> None:
+    """The options that change a transformer's layers, processors and hooks."""
+    if isinstance(options.cache, MagCache) and options.cache.mag_ratios is None \
+            and type(transformer).__name__ != "FluxTransformer2DModel":
+        raise ModelError(f"performance.cache: diffusers' MagCache ratios are calibrated for FLUX.1; give "
+                         f"`mag_ratios` from a calibration run of {type(transformer).__name__}")
     if options.fuse_qkv:
         transformer.fuse_qkv_projections()
     if options.quantization == "fp8":
@@ -45,22 +62,18 @@ def prepare(pipe: Any, options: Performance, device: str) -> None:
     if options.cache is not None and not isinstance(options.cache, MagCache):
         # MagCache is armed per step count, by configure_call before each call.
         transformer.enable_cache(cache_config(options.cache, None))
-    if options.vae_channels_last:
-        import torch
-
-        pipe.vae.to(memory_format=torch.channels_last)
 
 
-def compile_transformer(pipe: Any, options: Performance) -> float:
-    """torch.compile the transformer as configured; returns seconds (compiling itself happens on first calls)."""
+def compile_transformer(transformer: Any, options: Performance) -> float:
+    """torch.compile a transformer as configured; returns seconds (compiling itself happens on first calls)."""
     if options.compile == "off":
         return 0.0
     started = time.perf_counter()
     kwargs = {"fullgraph": options.compile_fullgraph, "mode": options.compile_mode}
     if options.compile == "regional":
-        pipe.transformer.compile_repeated_blocks(**kwargs)
+        transformer.compile_repeated_blocks(**kwargs)
     else:
-        pipe.transformer.compile(**kwargs)
+        transformer.compile(**kwargs)
     return time.perf_counter() - started
 
 

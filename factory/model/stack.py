@@ -10,11 +10,12 @@ import structlog
 from PIL import Image
 
 from factory.errors import ModelError
-from factory.model.generator import FluxGenerator, GenerationParams
+from factory.model.generator import EditParams, FluxGenerator, GenerationParams
 from factory.logs import quiet_library_noise
-from factory.model.profiles import TINY_SOURCE, Profile, get_profile
+from factory.model.profiles import TINY_FLUX2_SOURCE, TINY_SOURCE, Profile, get_profile
+from factory.model.revisions import is_hub_source, pin_revisions
 from factory.paths import factory_home
-from factory.model.tiny import BUILDER_VERSION, ensure_tiny
+from factory.model.tiny import BUILDER_VERSION, FLUX2_BUILDER_VERSION, ensure_tiny, ensure_tiny_flux2
 from factory.model.vlm import VisionLanguageModel
 
 log = structlog.get_logger(__name__)
@@ -33,9 +34,13 @@ class ModelStack:
         profile = get_profile(profile) if isinstance(profile, str) else profile
         quiet_library_noise()
         started = time.perf_counter()
+        # A replica normally gets its job's commits (nothing to resolve); alone (the CLI's single row) it resolves
+        # them itself, so what loads and what results record is always one commit.
+        profile = pin_revisions(profile)
         generator_source, vlm_source, version = resolve_sources(profile, home)
         try:
-            generator = FluxGenerator.from_pretrained(generator_source, profile.generator)
+            generator = FluxGenerator.from_pretrained(generator_source, profile.generator,
+                                                      edit_transformer=profile.edit_transformer)
             vlm = VisionLanguageModel.from_pretrained(vlm_source, profile.vlm)
         except (OSError, ValueError) as error:
             raise ModelError(f"profile {profile.name}: cannot load models: {error}") from error
@@ -45,6 +50,9 @@ class ModelStack:
 
     def generate(self, params: list[GenerationParams]) -> list[Image.Image]:
         return self.generator.generate(params)
+
+    def edit(self, params: list[EditParams]) -> list[Image.Image]:
+        return self.generator.edit(params)
 
     def caption(self, images: list[Image.Image], instructions: list[str | None] | None = None) -> list[str]:
         return self.vlm.caption(images, instructions)
@@ -62,14 +70,20 @@ def resolve_sources(profile: Profile, home: Path | None = None) -> tuple[str, st
             generator_source = str(built / "flux")
         if vlm_source == TINY_SOURCE:
             vlm_source = str(built / "vlm")
+    if generator_source == TINY_FLUX2_SOURCE:
+        generator_source = str(ensure_tiny_flux2(home or factory_home()) / "flux2")
     return generator_source, vlm_source, model_version(profile)
 
 
 def model_version(profile: Profile) -> str:
-    """The version string recorded with every result, without loading or building anything."""
+    """The version string recorded with every result, without loading or building anything: each hub
+    component as `org/name@<commit>` once the profile is pinned (`pin_revisions`; unpinned, the branch it would
+    follow), a local folder as its path."""
+    if profile.generator.source == TINY_FLUX2_SOURCE:
+        return f"tiny-flux2-v{FLUX2_BUILDER_VERSION}+tiny-v{BUILDER_VERSION}"
     if TINY_SOURCE in (profile.generator.source, profile.vlm.source):
         return f"tiny-v{BUILDER_VERSION}"
-    return "+".join([
-        f"{profile.generator.source}@{profile.generator.revision or 'main'}",
-        f"{profile.vlm.source}@{profile.vlm.revision or 'main'}",
-    ])
+    return "+".join(
+        f"{c.source}@{c.revision or 'main'}" if is_hub_source(c.source) or c.revision else c.source
+        for c in profile.components.values()
+    )

@@ -1,6 +1,8 @@
-"""Build the `tiny` profile's checkpoints offline: real architectures, small random weights, fixed seed.
+"""Build the `tiny` and `tiny-flux2` profiles' checkpoints offline: real architectures, small random weights, fixed
+seed.
 
-The result is saved with `save_pretrained` into `FACTORY_HOME/tiny/<builder version>/` and from then on loaded
+The result is saved with `save_pretrained` into `FACTORY_HOME/tiny/<builder version>/` (and
+`FACTORY_HOME/tiny-flux2/<its builder version>/` for the FLUX.2 [klein] generator) and from then on loaded
 with `from_pretrained` exactly like a downloaded checkpoint. Building twice gives bit-identical files: weights
 come from a seeded generator, tokenizers are trained on a fixed corpus, and nothing time-dependent is written.
 """
@@ -11,6 +13,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -20,7 +23,7 @@ from factory.paths import factory_home
 log = structlog.get_logger(__name__)
 
 # Bump when the builder's output changes, so caches built by an older builder are not reused.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 DEFAULT_SEED = 0
 
 # A fixed English corpus: the tokenizers learn real sub-words from it, so random generations read as words.
@@ -37,6 +40,15 @@ winter collection, cozy sweaters, warm tones. a plate of pasta with tomato sauce
 
 def tiny_dir(home: Path | None = None) -> Path:
     return (home or factory_home()) / "tiny" / f"v{BUILDER_VERSION}-seed{DEFAULT_SEED}"
+
+
+# The tiny FLUX.2 [klein] is built apart from tiny's checkpoints, with its own version: changing one never
+# rebuilds (or re-keys the results of) the other.
+FLUX2_BUILDER_VERSION = "1"
+
+
+def tiny_flux2_dir(home: Path | None = None) -> Path:
+    return (home or factory_home()) / "tiny-flux2" / f"v{FLUX2_BUILDER_VERSION}-seed{DEFAULT_SEED}"
 
 
 def _train_bpe(vocab_size: int, special_tokens: list[str]):
@@ -72,6 +84,39 @@ def _clip_tokenizer():
     )
 
 
+# The tiny CLIP towers: FLUX's text encoder, the VLM's vision tower and the CLIPScore model share these shapes.
+_CLIP_DIM = 32
+_CLIP_IMAGE_SIZE, _CLIP_PATCH_SIZE = 64, 16
+
+
+def _clip_text_config(tokenizer):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=_CLIP_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=_CLIP_DIM,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _clip_vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=_CLIP_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=_CLIP_IMAGE_SIZE, patch_size=_CLIP_PATCH_SIZE, projection_dim=_CLIP_DIM,
+    )
+
+
+def _clip_image_processor():
+    # The PIL processor: torchvision, which transformers' default image processors need, does not load here.
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": _CLIP_IMAGE_SIZE}, crop_size={"height": _CLIP_IMAGE_SIZE, "width": _CLIP_IMAGE_SIZE}
+    )
+
+
 def _t5_tokenizer():
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
@@ -89,20 +134,13 @@ def build_flux(path: Path, seed: int = DEFAULT_SEED) -> None:
     """A FluxPipeline with the real component classes and a VAE with the real 8x downsampling."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tokenizer, t5_tokenizer = _clip_tokenizer(), _t5_tokenizer()
-    text_dim = 32
+    text_dim = _CLIP_DIM
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tokenizer), hidden_size=text_dim, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, projection_dim=text_dim,
-            bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_text_config(clip_tokenizer))
     torch.manual_seed(seed + 1)
     text_encoder_2 = T5EncoderModel(
         T5Config(
@@ -140,6 +178,68 @@ def build_flux(path: Path, seed: int = DEFAULT_SEED) -> None:
     pipe.save_pretrained(path, safe_serialization=True)
 
 
+# Qwen3's chat template, reduced to what Flux2KleinPipeline renders (one user message, a generation prompt, thinking
+# off): the prompt then reads `<|im_start|>user ... <|im_end|> <|im_start|>assistant <think></think>` as in klein.
+_QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def _qwen_tokenizer():
+    """A real `Qwen2Tokenizer` (Qwen's pre-tokenizer and byte-level BPE) trained by transformers on the fixed corpus,
+    with Qwen3's special tokens and chat template."""
+    from transformers import Qwen2Tokenizer
+
+    tokenizer = Qwen2Tokenizer().train_new_from_iterator(
+        [line for line in _CORPUS.splitlines() if line], vocab_size=512,
+        new_special_tokens=["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+    )
+    tokenizer.chat_template = _QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_flux2(path: Path, seed: int = DEFAULT_SEED) -> None:
+    """A Flux2KleinPipeline with the real component classes: a Qwen3 text encoder whose three stacked hidden-state
+    layers (profile `text_encoder_layers` (1, 2, 3), as klein stacks 9, 18, 27 of 36) make the prompt embedding, a
+    FLUX.2 VAE with the real 8x downsampling and 2x2 patching, and a step-distilled transformer without guidance
+    embedding, as klein 4B's. Its widths differ from tiny's FLUX.1, so a FLUX.1 adapter fits none of its layers."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _qwen_tokenizer()
+    text_dim, layers = 16, 4
+    torch.manual_seed(seed + 30)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )).eval()
+    torch.manual_seed(seed + 31)
+    latent_channels = 8
+    vae = AutoencoderKLFlux2(
+        # Four blocks: 8x downsampling; the VAE's 2x2 patch makes 4 x latent_channels transformer channels.
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=latent_channels,
+        sample_size=256, patch_size=(2, 2),
+    )
+    torch.manual_seed(seed + 32)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * text_dim, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+
+
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -157,8 +257,7 @@ def build_vlm(path: Path, seed: int = DEFAULT_SEED) -> None:
     """A LLaVA-style VLM (CLIP vision tower + Qwen2 language model) with its processor and chat template."""
     import torch
     from transformers import (
-        CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-        PreTrainedTokenizerFast, Qwen2Config,
+        LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast, Qwen2Config,
     )
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
@@ -168,21 +267,14 @@ def build_vlm(path: Path, seed: int = DEFAULT_SEED) -> None:
         padding_side="left",  # decoder-only generation needs left padding in a batch
         extra_special_tokens={"image_token": "<image>"},
     )
-    image_size, patch_size = 64, 16
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE,
-        patch_size=patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=_clip_image_processor(), tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE,
+        patch_size=_CLIP_PATCH_SIZE, vision_feature_select_strategy="default", num_additional_image_tokens=1,
         image_token="<image>",
     )
     torch.manual_seed(seed + 10)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=image_size, patch_size=patch_size, projection_dim=32,
-        ),
+        vision_config=_clip_vision_config(),
         text_config=Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -206,6 +298,22 @@ def build_vlm(path: Path, seed: int = DEFAULT_SEED) -> None:
     processor.save_pretrained(path)
 
 
+def build_clip(path: Path, seed: int = DEFAULT_SEED) -> None:
+    """A CLIPModel, the class CLIPScore scores with, with FLUX's CLIP tokenizer and text-encoder shapes and the VLM's
+    vision-tower shapes, and its CLIPProcessor."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    tokenizer = _clip_tokenizer()
+    torch.manual_seed(seed + 20)
+    config = CLIPConfig(
+        text_config=_clip_text_config(tokenizer).to_dict(), vision_config=_clip_vision_config().to_dict(),
+        projection_dim=_CLIP_DIM,
+    )
+    CLIPModel(config).eval().save_pretrained(path, safe_serialization=True)
+    CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer).save_pretrained(path)
+
+
 def tree_digest(path: Path) -> str:
     """sha256 over every file's relative path and bytes: equal digests mean bit-identical builds."""
     digest = hashlib.sha256()
@@ -217,7 +325,18 @@ def tree_digest(path: Path) -> str:
 
 def ensure_tiny(home: Path | None = None, *, force: bool = False) -> Path:
     """Build the tiny checkpoints once into the cache; concurrent builders race safely via a rename."""
-    target = tiny_dir(home)
+    return _ensure_built(tiny_dir(home), {"flux": build_flux, "vlm": build_vlm, "clip": build_clip},
+                         BUILDER_VERSION, force=force)
+
+
+def ensure_tiny_flux2(home: Path | None = None, *, force: bool = False) -> Path:
+    """Build the tiny FLUX.2 [klein] checkpoint once into the cache, as `ensure_tiny` builds tiny's."""
+    return _ensure_built(tiny_flux2_dir(home), {"flux2": build_flux2}, FLUX2_BUILDER_VERSION, force=force)
+
+
+def _ensure_built(target: Path, builders: dict[str, Callable[[Path], None]], version: str, *, force: bool) -> Path:
+    """Run each builder into `target/<name>` unless a finished build is there; concurrent builders race safely
+    via a rename, and BUILD.json (written last) records each part's digest."""
     if (target / "BUILD.json").exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -227,10 +346,10 @@ def ensure_tiny(home: Path | None = None, *, force: bool = False) -> Path:
 
         quiet_library_noise()
         log.info("building tiny checkpoints", path=str(target))
-        build_flux(staging / "flux")
-        build_vlm(staging / "vlm")
-        manifest = {"builder_version": BUILDER_VERSION, "seed": DEFAULT_SEED,
-                    "flux": tree_digest(staging / "flux"), "vlm": tree_digest(staging / "vlm")}
+        manifest: dict[str, str | int] = {"builder_version": version, "seed": DEFAULT_SEED}
+        for name, build in builders.items():
+            build(staging / name)
+            manifest[name] = tree_digest(staging / name)
         (staging / "BUILD.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if force and target.exists():
             shutil.rmtree(target)

@@ -76,11 +76,30 @@ class VisionLanguageModel:
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
         return self._chat(images, questions)
 
+    def next_token_logits(self, images: list[Image.Image], texts: list[str]):
+        """The logits of the first token the model would answer each (image, text) with: one forward pass, what a
+        health check runs to see that the model gives numbers."""
+        import torch
+
+        with torch.inference_mode():
+            return self.model(**self._inputs(images, texts)).logits[:, -1]
+
     def _chat(self, images: list[Image.Image], texts: list[str]) -> list[str]:
         import torch
 
         if not images:
             return []
+        inputs = self._inputs(images, texts)
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **inputs, max_new_tokens=self.profile.max_new_tokens, do_sample=False
+            )
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        texts_out = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [text.strip() for text in texts_out]
+
+    def _inputs(self, images: list[Image.Image], texts: list[str]):
+        """The model's inputs for a batch of (image, text) turns, on its device."""
         conversations = [
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}] for text in texts
         ]
@@ -95,10 +114,4 @@ class VisionLanguageModel:
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        with torch.inference_mode():
-            generated = self.model.generate(
-                **inputs, max_new_tokens=self.profile.max_new_tokens, do_sample=False
-            )
-        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
-        texts_out = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return [text.strip() for text in texts_out]
+        return inputs

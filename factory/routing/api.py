@@ -2,8 +2,10 @@
 (`/v1/tasks`, `/v1/generate`, `/v1/caption`, `/v1/answer`, `/healthz`, `/readyz`, `/openapi.json`, `/docs`) and,
 through Serve's gRPC proxy, the `factory.v1.Factory` service (proto/factory_api.proto) with the same methods.
 
-A request goes: API key -> tenant (401) -> the tenant's in-flight bound (429) -> replicas ready (503) -> body
-shape (422) -> the task parser and the tenants registry, as for a manifest row (400, 403, 404) -> input image
+A request goes: API key -> tenant (401) and a declared body size (413), from the headers alone before any body
+byte is read (factory.routing.gate; only /healthz and /readyz answer without a key) -> the body, counted as it
+is read (413 at the limit) -> body shape (422) -> the tenant's in-flight bound (429) -> replicas ready (503) ->
+the task parser and the tenants registry, as for a manifest row (400, 403, 404) -> input image
 read and its header checked (413) -> `StackReplica` through a handle, multiplexed on the adapter -> the replica's
 `TaskResult` (safety already applied there: a blocked result has no image) -> JSON or protobuf. Every error is
 one JSON body `{status, code, message, field}`, never a traceback; over gRPC it is the details of a gRPC status.
@@ -25,16 +27,18 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from factory.errors import InputError, StorageUnavailable, one_line, validation_problems
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
 from factory.routing.api_models import (
-    BODY_TASK, AnswerBody, ApiSettings, CaptionBody, ErrorBody, GenerateBody, HealthBody, TaskBody, TaskResponse,
-    _Body, body_fields, response_of,
+    BODY_TASK, AnswerBody, ApiError, ApiSettings, CaptionBody, ErrorBody, GenerateBody, HealthBody, TaskBody,
+    TaskResponse, _Body, body_fields, response_of,
 )
 from factory.routing.auth import Keyring, presented_key
 from factory.routing.batch import ReplicaCall, adapter_key
+from factory.routing.gate import TENANT_STATE, RequestGate, body_too_large, error_response
 from factory.routing.parser import GenerationDefaults, RequestError, parse_request, with_adapter
 from factory.routing.requests import Status, Task, TaskRequest, TaskResult
 from factory.routing.tenants import TenantRegistry
@@ -42,23 +46,8 @@ from factory.routing.tenants import TenantRegistry
 log = structlog.get_logger(__name__)
 
 INGRESS_NAME = "ApiIngress"
-
-
-class ApiError(Exception):
-    """An answer other than 200: its status, a code, one line, the field to blame, extra headers."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
-        self.headers = headers or {}
-
-    def body(self) -> ErrorBody:
-        return ErrorBody(status=self.status, code=self.code, message=self.message, field=self.field)
-
-
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body().model_dump(mode="json"), status_code=error.status, headers=error.headers)
+# Routes that answer without a key; with `api.public_docs` the schema and its pages too.
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def problems_error(error: ValidationError | RequestValidationError, status: int = 422) -> ApiError:
@@ -103,7 +92,10 @@ async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+    if error.status_code == 413 and limit is not None:  # the gate's counted body limit, hit while reading
+        return error_response(body_too_large(limit))
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
     message = error.detail if isinstance(error.detail, str) else "request refused"
     return error_response(ApiError(error.status_code, code, message, headers=dict(error.headers or {})))
@@ -115,17 +107,30 @@ async def _unexpected(_: Request, error: Exception) -> JSONResponse:
     return error_response(ApiError(500, "internal", f"internal error ({type(error).__name__})"))
 
 
-def authenticated_tenant(
-    authorization: str | None = Header(default=None, description="Bearer <API key>"),
-    x_api_key: str | None = Header(default=None, description="Or the API key alone"),
-) -> str:
+def _replica_door():
+    """This replica's `ApiIngress` (the gate's `Door`), None while it starts."""
     try:
         ingress = serve.get_replica_context().servable_object
     except Exception:  # noqa: BLE001 - outside a replica (never in service)
-        ingress = None
-    if not hasattr(ingress, "tenant_for"):  # Serve rebuilds the class in the replica: no isinstance
-        raise ApiError(503, "not_ready", "the API is starting", headers={"Retry-After": "1"})
-    return ingress.tenant_for(presented_key(authorization, x_api_key))
+        return None
+    return ingress if hasattr(ingress, "tenant_for") else None  # Serve rebuilds the class by value: no isinstance
+
+
+api.add_middleware(RequestGate, door=_replica_door)
+
+
+def authenticated_tenant(
+    request: Request,
+    authorization: str | None = Header(default=None, description="Bearer <API key>"),
+    x_api_key: str | None = Header(default=None, description="Or the API key alone"),
+) -> str:
+    """The tenant the gate authenticated from these headers before the body was read (they are declared here
+    for the schema). A route that takes a tenant but was let through as public gets 401, never a default."""
+    tenant = request.scope.get("state", {}).get(TENANT_STATE)
+    if tenant is None:
+        raise ApiError(401, "unauthenticated", "an API key is required (Authorization: Bearer <key>)",
+                       headers={"WWW-Authenticate": "Bearer"})
+    return tenant
 
 
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 422, 429, 500, 503, 504)}
@@ -262,8 +267,15 @@ class ApiIngress:
         return await self._grpc(AnswerBody, message, grpc_context)
 
     async def Ready(self, message, grpc_context=None):  # noqa: N802
+        """Needs a key like every method of the service; keyless health is Serve's RayServeAPIService/Healthz."""
         from factory.routing.proto import factory_api_pb2 as pb
 
+        try:
+            self.grpc_tenant(grpc_context)
+        except ApiError as error:
+            if grpc_context is not None:
+                _set_grpc_error(grpc_context, error)
+            return pb.ReadyResponse()
         ready, text = await self.probe()
         if not ready and grpc_context is not None:
             _set_grpc_error(grpc_context, ApiError(503, "not_ready", text, headers={
@@ -276,8 +288,7 @@ class ApiIngress:
         from factory.routing.proto import factory_api_pb2 as pb
 
         try:
-            metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
-            tenant = self.tenant_for(presented_key(metadata.get("authorization"), metadata.get("x-api-key")))
+            tenant = self.grpc_tenant(grpc_context)
             fields, raw_image = body_from_message(message)
             if raw_image is not None and body_type in (GenerateBody,):
                 raise ApiError(422, "invalid_request", "image: unknown field", "image")
@@ -308,6 +319,19 @@ class ApiIngress:
         if tenant is None:
             raise ApiError(401, "unauthenticated", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
         return tenant
+
+    def grpc_tenant(self, grpc_context) -> str:
+        """The tenant of a gRPC call's metadata key (Serve's gRPC proxy has no hook before the ingress)."""
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        return self.tenant_for(presented_key(metadata.get("authorization"), metadata.get("x-api-key")))
+
+    def public_paths(self) -> frozenset[str]:
+        docs = {api.openapi_url, api.docs_url, api.swagger_ui_oauth2_redirect_url, api.redoc_url}
+        return HEALTH_PATHS | (frozenset(path for path in docs if path) if self.settings.public_docs else frozenset())
+
+    def max_body_bytes(self) -> int:
+        assert self.settings.limits.max_body_bytes is not None  # Limits derives it when unset
+        return self.settings.limits.max_body_bytes
 
     async def probe(self) -> tuple[bool, str]:
         """Whether a model replica answers within the probe timeout; remembered once true."""
@@ -398,19 +422,22 @@ class ApiIngress:
         elif getattr(body, "image_base64", None) is not None:
             data, field = _b64decode(body.image_base64, limits.max_image_bytes), "image_base64"  # type: ignore[union-attr]
         else:
-            data, field = await self.read_uri(request.image), "image_uri"
+            data, field = await self.read_uri(request.image, request.tenant), "image_uri"
         if len(data) > limits.max_image_bytes:
             raise ApiError(413, "too_large", f"{field}: {len(data)} bytes, this server takes at most "
                            f"{limits.max_image_bytes}", field)
         check_image_header(data, field, limits.max_image_pixels)
         return data
 
-    async def read_uri(self, uri: str) -> bytes:
+    async def read_uri(self, uri: str, tenant: str) -> bytes:
+        """The object at an s3:// `uri` that lies under `tenant`'s input roots (403 otherwise, before any read)."""
         if not uri.startswith("s3://"):
             raise ApiError(400, "invalid_request", "image_uri: must be an s3:// URI", "image_uri")
-        key_part = uri[len("s3://"):]
-        if ".." in key_part.split("/") or not any(uri.startswith(p) for p in self.settings.input_prefixes):
-            raise ApiError(403, "forbidden", "image_uri: not under a prefix this server may read", "image_uri")
+        registry_roots = self.registry.input_roots(tenant) if self.registry is not None else None
+        try:
+            uri = self.settings.input_roots(tenant, registry_roots).check(uri)
+        except InputError as error:
+            raise ApiError(403, "forbidden", f"image_uri: {error}", "image_uri") from None
         max_bytes = self.settings.limits.max_image_bytes
         try:
             size, _ = await asyncio.to_thread(self.storage.stat, uri)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from factory.io.roots import InputRoots, normalise_root
 from factory.routing.auth import ApiKey
 from factory.routing.requests import (
     _CONTROL_CHARACTER, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE, NAME_PATTERN, TaskResult,
@@ -161,6 +162,19 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
+class ApiError(Exception):
+    """An answer other than 200: its status, a code, one line, the field to blame, extra headers."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers or {}
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(status=self.status, code=self.code, message=self.message, field=self.field)
+
+
 class HealthBody(BaseModel):
     status: Literal["ok", "ready", "not_ready"]
     message: str | None = None
@@ -187,14 +201,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
+# Addresses that already mean "every interface": a gRPC proxy on [::] exposes nothing HTTP does not.
+ALL_INTERFACES = frozenset({"0.0.0.0", "::", "[::]"})
+# The most a message may hold beyond its image: prompts, question, ids and the JSON or protobuf around them.
+FIELDS_SLACK_BYTES = 64 * 1024
+
+
 class HttpOptions(_Section):
     host: str = Field(default="127.0.0.1", description="Serve's HTTP proxy address (loopback by default)")
     port: int = Field(default=8000, ge=1, le=65535)
 
 
 class GrpcOptions(_Section):
-    enabled: bool = Field(default=True, description="Start Serve's gRPC proxy with the factory.v1.Factory service")
+    enabled: bool = Field(
+        default=False, description="Start Serve's gRPC proxy with the factory.v1.Factory service (off by default: "
+        "it listens on every interface, see all_interfaces)"
+    )
     port: int = Field(default=9000, ge=1, le=65535)
+    all_interfaces: bool = Field(
+        default=False, description="Accept that Serve's gRPC proxy listens on every interface ([::]:port, Ray 2.60 "
+        "has no host for it) while http.host is narrower; without it such a config is refused at start"
+    )
+
+    def bind_address(self) -> str:
+        """Where Serve's gRPC proxy listens: `[::]:port` whatever the HTTP host (ray/serve/_private/grpc_util.py)."""
+        return f"[::]:{self.port}"
 
 
 class Limits(_Section):
@@ -204,6 +235,17 @@ class Limits(_Section):
     max_steps: int = Field(default=MAX_STEPS, ge=1, le=MAX_STEPS)
     max_image_bytes: int = Field(default=16 * 1024**2, ge=1024, description="Input image bytes (413 past it)")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="Input image pixels (413 past it)")
+    max_body_bytes: int | None = Field(
+        default=None, ge=1024, description="An HTTP request body (413) or a gRPC message (RESOURCE_EXHAUSTED) past "
+        "this is refused before it is read whole; default 1.5 x max_image_bytes + 64 KiB (base64 with line breaks, "
+        "and the other fields)"
+    )
+
+    @model_validator(mode="after")
+    def _body_bound(self) -> Limits:
+        if self.max_body_bytes is None:
+            self.max_body_bytes = self.max_image_bytes * 3 // 2 + FIELDS_SLACK_BYTES
+        return self
 
 
 class GenerationOverrides(_Section):
@@ -226,8 +268,11 @@ class ApiSettings(_Section):
         default=300.0, gt=0, description="A request still waiting on a replica after this long is 504"
     )
     ready_probe_timeout_s: float = Field(default=2.0, gt=0, description="How long /readyz waits for a replica")
-    input_prefixes: list[str] = Field(
-        default_factory=list, description="s3:// prefixes an image_uri may name (none: base64 inputs only)"
+    input_prefixes: list[str] | None = Field(
+        default=None,
+        description="s3:// prefixes that narrow every tenant's `inputs` from the tenants registry: an image_uri "
+        "must lie under both. Unset: the registry's roots as they are; without a registry, these are every key's "
+        "roots. A tenant left with no s3:// root takes base64 inputs only",
     )
     output_prefix: str | None = Field(
         default=None, description="Local folder or s3:// prefix that `output: uri` images go under "
@@ -237,20 +282,53 @@ class ApiSettings(_Section):
     limits: Limits = Field(default_factory=Limits)
     http: HttpOptions = Field(default_factory=HttpOptions)
     grpc: GrpcOptions = Field(default_factory=GrpcOptions)
+    public_docs: bool = Field(
+        default=False, description="Serve /openapi.json and /docs without a key (by default only /healthz and "
+        "/readyz answer without one)"
+    )
     route_prefix: str = Field(default="/", pattern=r"^/", description="Where the app's HTTP routes start")
     ingress_replicas: int = Field(default=1, ge=1, description="Replicas of the (CPU-light) FastAPI ingress")
     ingress_max_ongoing_requests: int = Field(default=256, ge=1)
 
     @field_validator("input_prefixes")
     @classmethod
-    def _s3_prefixes(cls, value: list[str]) -> list[str]:
+    def _s3_prefixes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
         for prefix in value:
             if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", prefix):
                 raise ValueError(f"{prefix!r} must be an s3://bucket/prefix")
-        return [p if p.endswith("/") else p + "/" for p in value]
+        return [normalise_root(prefix) for prefix in value]
+
+    def input_roots(self, tenant: str, registry_roots: tuple[str, ...] | None) -> InputRoots:
+        """Where an image_uri of `tenant`'s keys may point: the tenant's registry `inputs` (`registry_roots`; None
+        when the server has no registry) that are s3://, narrowed by input_prefixes when set; without a registry,
+        input_prefixes alone. The same `InputRoots.check` as batch rows then judges each URI."""
+        owner = f"tenant {tenant}"
+        if registry_roots is None:
+            return InputRoots(owner, tuple(self.input_prefixes or ()))
+        roots = InputRoots(owner, tuple(root for root in registry_roots if root.startswith("s3://")))
+        return roots if self.input_prefixes is None else roots.narrowed(self.input_prefixes)
+
+    @model_validator(mode="after")
+    def _grpc_listens_where_http_does(self) -> ApiSettings:
+        grpc, host = self.grpc, self.http.host
+        if grpc.enabled and host not in ALL_INTERFACES and not grpc.all_interfaces:
+            raise ValueError(
+                f"grpc: Serve's gRPC proxy listens on every interface ({grpc.bind_address()}), not on http.host "
+                f"{host}; set grpc.all_interfaces: true to accept that (and firewall port {grpc.port}), or leave "
+                "grpc.enabled off"
+            )
+        return self
 
     def in_flight_limit(self, tenant: str) -> int:
         return self.tenant_max_in_flight.get(tenant, self.max_in_flight)
+
+    def grpc_max_message_bytes(self) -> int:
+        """Serve's gRPC proxy takes one size for messages both ways: the body bound, or the largest PNG a
+        generation within the limits can answer with (RGBA, uncompressed), whichever is larger."""
+        largest_png = self.limits.max_side * self.limits.max_side * 4 + FIELDS_SLACK_BYTES
+        return max(self.limits.max_body_bytes or 0, largest_png)
 
 
 def body_fields(body: BaseModel) -> dict[str, Any]:

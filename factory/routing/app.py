@@ -20,6 +20,8 @@ redeploys the app::
       max_in_flight: 8
       input_prefixes: [s3://bucket/uploads/]
       output_prefix: s3://bucket/api-out
+      limits: {max_image_bytes: 16777216}                              # bodies past 1.5x + 64 KiB: 413 unread
+      grpc: {enabled: true, all_interfaces: true}                      # Serve's gRPC proxy binds [::]:9000
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from factory.errors import ConfigError, one_line, validation_problems
 from factory.model.performance import Performance
 from factory.model.profiles import get_profile
+from factory.model.revisions import hub_revisions, pin_revisions
 from factory.routing.api_models import ApiSettings
 from factory.routing.local import profile_defaults
 from factory.routing.parser import GenerationDefaults
@@ -43,6 +46,7 @@ from factory.routing.tenants import TenantRegistry
 from factory.safety.policy import SafetyPolicy
 
 DEFAULT_APP_NAME = "factory-api"
+GRPC_MESSAGE_SIZE_VARIABLE = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 
 def replica_fingerprint(config: ReplicaConfig, sizing: dict[str, Any]) -> str:
@@ -51,14 +55,17 @@ def replica_fingerprint(config: ReplicaConfig, sizing: dict[str, Any]) -> str:
 
 
 def replica_setup(profile: str, serve: Any, safety: SafetyPolicy, performance: dict[str, Any] | None,
-                  registry: TenantRegistry | None) -> tuple[ReplicaConfig, dict[str, Any]]:
+                  registry: TenantRegistry | None, revisions: dict[str, str] | None = None,
+                  ) -> tuple[ReplicaConfig, dict[str, Any]]:
     """The replicas' config and sizing from a job spec's or a serving config's sections (`serve` is either's
-    `serve:`). Both build them here, so a job with a fleet's sections computes its fingerprint and can join it."""
+    `serve:`), and the commits its hub checkpoints were pinned to. Both build them here, so a job with a fleet's
+    sections (and the same commits) computes its fingerprint and can join it."""
     config = ReplicaConfig(
         profile=profile, max_batch_size=serve.max_batch_size, batch_wait_timeout_s=serve.batch_wait_timeout_s,
         threads=max(1, int(serve.num_cpus)), safety=safety, max_adapters=serve.max_adapters,
         max_adapter_bytes=serve.max_adapter_bytes, lora_hotswap_rank=serve.lora_hotswap_rank, performance=performance,
         adapters={ref.key: ref for ref in registry.adapters()} if registry is not None else {},
+        revisions=revisions or {},
     )
     sizing = {"replicas": serve.replicas, "num_cpus": serve.num_cpus,
               "num_gpus": get_profile(profile).replica_gpus(serve.num_gpus), "max_ongoing_requests": serve.max_ongoing_requests}
@@ -118,9 +125,9 @@ class Serving(BaseModel):
     tenants_data: dict | None
     tenants_dir: str | None
 
-    def replica_setup(self) -> tuple[ReplicaConfig, dict[str, Any]]:
+    def replica_setup(self, revisions: dict[str, str] | None = None) -> tuple[ReplicaConfig, dict[str, Any]]:
         c = self.config
-        return replica_setup(c.profile, c.serve, c.safety, c.performance, self.registry)
+        return replica_setup(c.profile, c.serve, c.safety, c.performance, self.registry, revisions)
 
     def sizing(self) -> dict[str, Any]:
         return self.replica_setup()[1]
@@ -181,8 +188,10 @@ def build_serving_app(serving: Serving):
     settings = serving.config.api
     ingress_config = {"api": settings.model_dump(mode="json"), "defaults": serving.defaults().model_dump(),
                       "tenants": serving.tenants_data, "tenants_dir": serving.tenants_dir}
+    # Pinned once for the fleet: a replica Serve restarts later loads the same commits as the first ones.
+    revisions = hub_revisions(pin_revisions(get_profile(serving.config.profile)))
     with SERVE_DEFINITION_LOCK:
-        config, sizing = serving.replica_setup()
+        config, sizing = serving.replica_setup(revisions)
         replicas = build_replica_app(config, fingerprint=replica_fingerprint(config, sizing),
                                      max_queued_requests=s.max_queued_requests, **sizing)
         ingress = serve.deployment(
@@ -205,19 +214,27 @@ def build_app(args: dict[str, Any]):
     return build_serving_app(load_serving(args if path is None else None, path=path))
 
 
-def start_serve(serving: Serving) -> None:
-    """Start Serve's proxies as the config says (HTTP on loopback by default, gRPC with the Factory service).
-    Serve keeps the options it first started with on a cluster: a running Serve is joined as it is."""
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    settings = serving.config.api
-    grpc = (gRPCOptions(port=settings.grpc.port, grpc_servicer_functions=[_servicer_function()])
-            if settings.grpc.enabled else None)
+def proxy_options(settings: ApiSettings) -> dict[str, Any]:
+    """`serve.start` options for the config's proxies: HTTP where it says (loopback by default); gRPC, when
+    enabled, with the Factory service, no reflection (it would list the services to anyone: Serve runs it on the
+    proxy, before any key is checked), and its message size bounded. Serve 2.60 takes that bound only from
+    RAY_SERVE_GRPC_MAX_MESSAGE_SIZE in the proxy's process (ray/serve/_private/constants.py), and the proxies
+    are started by the controller with its runtime env."""
     options: dict[str, Any] = {"http_options": {"host": settings.http.host, "port": settings.http.port}}
-    if grpc is not None:
-        options["grpc_options"] = grpc
-    serve.start(**options)
+    if settings.grpc.enabled:
+        options["grpc_options"] = {"port": settings.grpc.port, "grpc_servicer_functions": [_servicer_function()],
+                                   "enable_reflection": False}
+        options["controller_options"] = {"runtime_env": {"env_vars": {
+            GRPC_MESSAGE_SIZE_VARIABLE: str(settings.grpc_max_message_bytes())}}}
+    return options
+
+
+def start_serve(serving: Serving) -> None:
+    """Start Serve's proxies as the config says (see proxy_options). Serve keeps the options it first started
+    with on a cluster: a running Serve is joined as it is."""
+    from ray import serve
+
+    serve.start(**proxy_options(serving.config.api))
 
 
 def deploy_serving(serving: Serving, *, app_name: str | None = None, route_prefix: str | None = None) -> None:

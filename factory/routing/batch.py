@@ -7,6 +7,7 @@ No Ray here: the replica wraps a `BatchRunner` in Serve; the CLI calls it in its
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 from PIL import Image
@@ -17,17 +18,22 @@ from factory.io.images import DEFAULT_MAX_PIXELS, decode_image
 from factory.model.lora import LoadedAdapter, LoraPool
 from factory.model.lora.ref import BASE_ADAPTER, AdapterRef
 from factory.model.stack import ModelStack
+from factory.routing.capabilities import check_capabilities
 from factory.routing.executor import TaskExecutor, base_result
-from factory.routing.requests import Status, TaskRequest, TaskResult
+from factory.routing.parser import RequestError
+from factory.routing.requests import Status, Task, TaskRequest, TaskResult
 from factory.safety.policy import SafetyChecker
 
 
 class ReplicaCall(BaseModel):
-    """One request plus its input image bytes: read by the caller, which may reach storage the runner cannot,
-    and decoded by the runner, under its pixel cap."""
+    """One request plus its input image bytes (an edit's: every reference's): read by the caller, which may reach
+    storage the runner cannot, and decoded by the runner, under its pixel cap."""
 
     request: TaskRequest
     image_bytes: bytes | None = Field(default=None, repr=False)
+    reference_bytes: list[bytes] | None = Field(
+        default=None, repr=False, description="An edit's references as read, one per `request.images`, in order"
+    )
     # Or the image already decoded and fitted to the model's budget by the caller (archive jobs decode in their
     # Ray Data workers, so the replica only runs the model): 8-bit RGB pixels, row-major, and their size.
     image_rgb: bytes | None = Field(default=None, repr=False)
@@ -58,14 +64,17 @@ class BatchRunner:
         return None if ref is None else self.pool.ensure_loaded(ref)
 
     def run(self, calls: list[ReplicaCall], adapter_id: str = BASE_ADAPTER) -> list[TaskResult]:
-        """One result per call, in order. A bad input image rejects its row only; an adapter that cannot be
-        loaded rejects the batch."""
+        """One result per call, in order. A bad input image, or a task this profile cannot run, rejects its row
+        only; an adapter that cannot be loaded rejects the batch."""
         results: list[TaskResult | None] = [None] * len(calls)
         runnable, images = [], []
         for index, call in enumerate(calls):
             try:
-                images.append(self._image(call))
+                check_capabilities(call.request, self.stack.profile)
+                images.append(self._references(call) if call.request.task is Task.EDIT else self._image(call))
                 runnable.append(index)
+            except RequestError as error:
+                results[index] = self._rejected(call.request, str(error))
             except InputError as error:
                 results[index] = self._rejected(call.request, f"image: {error}")
         try:
@@ -80,6 +89,9 @@ class BatchRunner:
             if loaded is not None:
                 result.adapter, result.adapter_sha256 = loaded.key, loaded.sha256
             results[index] = result
+        for call, result in zip(calls, results, strict=True):
+            if call.reference_bytes is not None and result is not None:
+                result.reference_sha256 = [hashlib.sha256(data).hexdigest() for data in call.reference_bytes]
         return results  # type: ignore[return-value]
 
     def refuse(self, calls: list[ReplicaCall], adapter_id: str, error: Exception) -> list[TaskResult]:
@@ -105,6 +117,25 @@ class BatchRunner:
         if call.image_bytes is None:
             raise InputError(f"no bytes were read for {call.request.image}")
         return decode_image(call.image_bytes, call.request.image, self.max_input_pixels)
+
+    def _references(self, call: ReplicaCall) -> tuple[Image.Image, ...]:
+        """An edit's references, decoded as caption images are, under the same pixel cap; a bad one names its
+        field (`image` for a single reference, `images[i]` among several)."""
+        uris, data = call.request.images or (), call.reference_bytes or []
+        if not uris:  # a request not made by the parser, or staged by a layer that dropped its references
+            raise RequestError("image", "an edit needs at least one reference image")
+        if len(data) > len(uris):
+            raise RequestError("images", f"{len(data)} references were read for {len(uris)} URIs")
+        decoded = []
+        for position, uri in enumerate(uris):
+            field = "image" if len(uris) == 1 else f"images[{position}]"
+            if position >= len(data):
+                raise RequestError(field, f"no bytes were read for {uri}")
+            try:
+                decoded.append(decode_image(data[position], uri, self.max_input_pixels))
+            except InputError as error:
+                raise RequestError(field, str(error)) from None
+        return tuple(decoded)
 
     def _rejected(self, request: TaskRequest, error: str) -> TaskResult:
         return base_result(request, self.stack, status=Status.REJECTED, error=error)

@@ -4,19 +4,21 @@ with the safety policy applied before anything leaves.
 `BatchRunner` calls it for a job's Serve replicas and for the CLI alike, so a row behaves the same in a job and on
 the command line. Order of checks: a generation prompt is filtered before the generator sees it; a generated
 image is scored before its bytes are attached to the result (a blocked image is dropped here, a quarantined one
-travels only as `quarantine_png`); an input image is scored before it is captioned.
+travels only as `quarantine_png`); an input image is scored before it is captioned. An edit row gets both: each
+of its references is scored as an input (a flagged one blocks the row, whatever the policy says about captioning
+flagged inputs, and never reaches the generator), then its instruction and its output as a generation row's.
 """
 
 from __future__ import annotations
 
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 from PIL import Image
 
-from factory.model.generator import GenerationParams
+from factory.model.generator import EditParams, GenerationParams
 from factory.model.stack import ModelStack
 from factory.routing.requests import ImageCheck, Status, Task, TaskRequest, TaskResult
 
@@ -36,9 +38,10 @@ def base_result(request: TaskRequest, stack: ModelStack | None, **fields) -> Tas
     return TaskResult(
         id=request.id, tenant=request.tenant, region=request.region, task=request.task, prompt=request.prompt,
         question=request.question, source_uri=request.image, adapter=request.adapter,
+        reference_uris=list(request.images) if request.images else None,
         profile=stack.profile.name if stack is not None else None,
         model_version=stack.model_version if stack is not None else None, seed=request.seed,
-        performance=stack.generator.performance_tag if stack is not None and request.task == Task.GENERATE else None,
+        performance=stack.generator.performance_tag if stack is not None and request.task in IMAGE_TASKS else None,
         steps=request.steps, width=request.width, height=request.height, guidance=request.guidance,
         **fields,
     )
@@ -53,6 +56,10 @@ def safety_fields(verdict) -> dict:
         "safety_labels": list(verdict.labels), "safety_scores": list(verdict.scores),
         "safety_reason": verdict.reason,
     }
+
+
+# Tasks whose result is an image the generator made.
+IMAGE_TASKS = (Task.GENERATE, Task.EDIT)
 
 
 class _TimedSafety:
@@ -89,9 +96,12 @@ class TaskExecutor:
         self.stack = stack
         self.safety = _TimedSafety(safety) if safety is not None else None
 
-    def run(self, requests: Sequence[TaskRequest], images: Sequence[Image.Image | None]) -> list[TaskResult]:
+    def run(self, requests: Sequence[TaskRequest],
+            images: Sequence[Image.Image | tuple[Image.Image, ...] | None]) -> list[TaskResult]:
+        """`images[i]` is request i's input: None (generate), its image (caption, vqa), or its references (edit)."""
         results: list[TaskResult | None] = [None] * len(requests)
-        for task, call in ((Task.GENERATE, self._generate), (Task.CAPTION, self._caption), (Task.VQA, self._answer)):
+        for task, call in ((Task.GENERATE, self._generate), (Task.EDIT, self._edit), (Task.CAPTION, self._caption),
+                           (Task.VQA, self._answer)):
             indices = [i for i, request in enumerate(requests) if request.task is task]
             if not indices:
                 continue
@@ -116,6 +126,47 @@ class TaskExecutor:
         return results  # type: ignore[return-value]
 
     def _generate(self, batch: list[TaskRequest], _images) -> list[TaskResult]:
+        return self._make_images(batch, lambda indices: self.stack.generate([
+            GenerationParams(r.prompt or "", r.seed or 0, r.steps or 1, r.width or 16, r.height or 16, r.guidance or 0.0)
+            for r in (batch[i] for i in indices)
+        ]))
+
+    def _edit(self, batch: list[TaskRequest], references: list[tuple[Image.Image, ...]]) -> list[TaskResult]:
+        """References first, in one detector call for the batch: a row with a flagged reference is blocked here.
+        The others run as generation rows do, through `stack.edit`."""
+        results: list[TaskResult | None] = [None] * len(batch)
+        flat = [image for row in references for image in row]
+        verdicts = self.safety.check_inputs(flat) if self.safety else [None] * len(flat)
+        allowed, start = [], 0
+        for index, (request, row) in enumerate(zip(batch, references, strict=True)):
+            row_verdicts, start = verdicts[start:start + len(row)], start + len(row)
+            flagged = [(position, v) for position, v in enumerate(row_verdicts) if v is not None and v.flagged]
+            if not flagged:
+                allowed.append(index)
+                continue
+            position, verdict = flagged[0]
+            verdict = verdict.model_copy(update={"reason": f"reference {position}: {verdict.reason}"})
+            results[index] = base_result(
+                request, self.stack, status=Status.BLOCKED, **safety_fields(verdict),
+                # As for a caption's input: under a quarantine policy the flagged reference is kept for review.
+                quarantine_png=encode_png(row[position]) if verdict.verdict == "quarantined" else None,
+            )
+        rows = [(batch[i], references[i]) for i in allowed]
+
+        def edit(indices: list[int]) -> list[Image.Image]:
+            return self.stack.edit([
+                EditParams(r.prompt or "", refs, r.seed or 0, r.steps or 1, r.guidance or 0.0, r.width, r.height)
+                for r, refs in (rows[i] for i in indices)
+            ])
+
+        made = self._make_images([request for request, _ in rows], edit) if rows else []
+        for index, result in zip(allowed, made, strict=True):
+            results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _make_images(self, batch: list[TaskRequest], make: Callable[[list[int]], list[Image.Image]]) -> list[TaskResult]:
+        """Rows whose result is a made image: the prompt filter, then `make(indices of the allowed rows)`, the image
+        check, and the rows' checks."""
         results: list[TaskResult | None] = [None] * len(batch)
         prompt_verdicts = (
             self.safety.check_prompts([r.prompt for r in batch], [r.tenant for r in batch], [r.region for r in batch])
@@ -128,12 +179,7 @@ class TaskExecutor:
             else:
                 allowed.append(index)
         if allowed:
-            params = [
-                GenerationParams(r.prompt or "", r.seed or 0, r.steps or 1, r.width or 16, r.height or 16,
-                                 r.guidance or 0.0)
-                for r in (batch[i] for i in allowed)
-            ]
-            images = self.stack.generate(params)
+            images = make(allowed)
             image_verdicts = self.safety.check_images(images) if self.safety else [None] * len(images)
             for index, image, verdict in zip(allowed, images, image_verdicts, strict=True):
                 results[index] = self._generated_result(batch[index], image, verdict)
@@ -160,10 +206,14 @@ class TaskExecutor:
     def _generated_result(self, request: TaskRequest, image: Image.Image, verdict) -> TaskResult:
         fields = safety_fields(verdict)
         if verdict is None or not verdict.flagged:
-            return base_result(request, self.stack, status=Status.OK, image_png=encode_png(image), **fields)
-        if verdict.verdict == "quarantined":
-            return base_result(request, self.stack, status=Status.BLOCKED, quarantine_png=encode_png(image), **fields)
-        return base_result(request, self.stack, status=Status.BLOCKED, **fields)
+            result = base_result(request, self.stack, status=Status.OK, image_png=encode_png(image), **fields)
+        elif verdict.verdict == "quarantined":
+            result = base_result(request, self.stack, status=Status.BLOCKED, quarantine_png=encode_png(image), **fields)
+        else:
+            result = base_result(request, self.stack, status=Status.BLOCKED, **fields)
+        # An edit without a size takes its first reference's aspect ratio: record the size it was made at.
+        result.width, result.height = image.size
+        return result
 
     def _screen_inputs(self, batch: list[TaskRequest], images: list[Image.Image]):
         """Input verdicts, and which rows may still be answered under the policy."""

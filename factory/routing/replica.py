@@ -24,9 +24,10 @@ from factory.logs import configure_logging
 from factory.model.lora import LoraPool
 from factory.model.lora.header import read_shape
 from factory.model.lora.ref import BASE_ADAPTER, AdapterRef
-from factory.model.profiles import get_profile, with_performance
+from factory.model.profiles import get_profile, with_performance, with_revisions
 from factory.model.stack import ModelStack
 from factory.routing.batch import BatchRunner, ReplicaCall
+from factory.routing.health import HealthProbe
 from factory.routing.requests import TaskResult
 from factory.safety.policy import SafetyChecker, SafetyPolicy
 
@@ -64,6 +65,14 @@ class ReplicaConfig(BaseModel):
     performance: dict[str, Any] | None = Field(
         default=None, description="Generator speed options that replace the profile's (a job's `performance:`)"
     )
+    health_check_cache_s: float = Field(
+        default=30.0, ge=0, description="How long a passed health probe (the models run on a tiny input), or a batch "
+        "that ran without a model failure, vouches for the replica before Serve's next check runs the models again"
+    )
+    revisions: dict[str, str] = Field(
+        default_factory=dict, description="The commits the job or fleet pinned the profile's hub checkpoints to, by "
+        "component ('generator', 'vlm'): every replica, a restarted one too, loads exactly these"
+    )
 
 
 def build_runner(config: ReplicaConfig, stack: ModelStack) -> BatchRunner:
@@ -76,7 +85,7 @@ def build_runner(config: ReplicaConfig, stack: ModelStack) -> BatchRunner:
     plan = plan_hotswap(config, stack, storage)
     pool = LoraPool(
         stack.generator.pipe, max_adapters=plan.slots, max_bytes=config.max_adapter_bytes, storage=storage,
-        hotswap_rank=plan.rank,
+        hotswap_rank=plan.rank, mirrors=stack.generator.lora_mirrors,
     )
     runner = BatchRunner(stack, safety, pool, config.adapters, config.max_input_pixels)
     warm_up(runner, plan.first, config.max_batch_size)
@@ -139,8 +148,10 @@ class StackReplica:
         self.fingerprint = fingerprint
         configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "warning"))
         torch.set_num_threads(self.config.threads)
-        profile = with_performance(get_profile(self.config.profile), self.config.performance)
+        profile = with_revisions(with_performance(get_profile(self.config.profile), self.config.performance),
+                                 self.config.revisions)
         self.runner = build_runner(self.config, ModelStack.from_profile(profile))
+        self.health = HealthProbe(self.runner, self.config.health_check_cache_s)
         self.run_batch.set_max_batch_size(self.config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
@@ -176,7 +187,13 @@ class StackReplica:
             return self.runner.refuse(calls, adapter_id, error)
         # The model call blocks for the whole batch; a worker thread keeps the replica's event loop free
         # for health checks and for queueing the next batch.
-        return await asyncio.to_thread(self.runner.run, calls, adapter_id)
+        results = None
+        self.health.batch_started()
+        try:
+            results = await asyncio.to_thread(self.runner.run, calls, adapter_id)
+            return results
+        finally:
+            self.health.batch_finished(results)
 
     def deployed_fingerprint(self) -> str:
         return self.fingerprint
@@ -188,9 +205,10 @@ class StackReplica:
         """Compile mode, graphs, recompiles since warm-up (0 when hot-swap works), warm-up seconds."""
         return self.runner.stack.generator.compile_stats()
 
-    def check_health(self) -> None:
-        if self.runner.stack is None:
-            raise RuntimeError("stack not loaded")
+    async def check_health(self) -> None:
+        """Serve's periodic check: raises when a model fails or returns NaN on a tiny input (`HealthProbe`). In a
+        worker thread: a probe runs the models, and may wait for the pool's lock."""
+        await asyncio.to_thread(self.health.check)
 
 
 def build_replica_app(
@@ -208,9 +226,11 @@ def build_replica_app(
             # Diffusion calls are long; a low bound keeps queues at the caller, where backpressure belongs.
             max_ongoing_requests=max_ongoing_requests,
             max_queued_requests=max_queued_requests,
+            # Checked every 10 s; the models run at most once per config.health_check_cache_s, and only when no
+            # batch vouches for them. The timeout covers a probe that waits behind a batch that began as it did.
             health_check_period_s=10,
+            health_check_timeout_s=60,
             # One access-log line per row drowns the job's own logs; failures are logged by the job.
             logging_config={"enable_access_log": False, "log_level": "WARNING"},
-            health_check_timeout_s=60,
         )
         return deployment.bind(config.model_dump(mode="json"), fingerprint)

@@ -7,6 +7,7 @@ and sizes are checked. `TaskResult` is what a replica returns for one request.
 
 from __future__ import annotations
 
+import json
 import re
 from enum import Enum
 from typing import Any
@@ -17,6 +18,7 @@ MAX_SIDE = 2048
 MIN_SIDE = 16
 MAX_STEPS = 100
 MAX_PROMPT_CHARS = 4000
+MAX_REFERENCES = 10  # reference images one edit row may give (a profile may take fewer)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -25,6 +27,7 @@ class Task(str, Enum):
     GENERATE = "generate"
     CAPTION = "caption"
     VQA = "vqa"
+    EDIT = "edit"
 
 
 class Status(str, Enum):
@@ -48,10 +51,15 @@ class RowInput(BaseModel):
 
     id: str = Field(min_length=1, max_length=256, description="Unique id of the row within a job")
     tenant: str = Field(min_length=1, max_length=128, description="Who the row is for (billing, adapters)")
-    task: str | None = Field(default=None, description="generate | caption | vqa; inferred when absent")
+    task: str | None = Field(default=None, description="generate | caption | vqa | edit; inferred when absent")
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     question: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    image: str | None = Field(default=None, description="Input image URI (local path, s3://, http(s)://)")
+    image: str | None = Field(default=None, description="Input image URI (local path, s3://, http(s)://); an edit's "
+                              "one reference")
+    images: list[str] | None = Field(
+        default=None, min_length=1, max_length=MAX_REFERENCES, description="An edit's reference images (URIs, "
+        "first one sets the aspect ratio); in CSV a JSON list such as [\"a.png\", \"b.png\"]",
+    )
     region: str | None = Field(default=None, max_length=64)
     adapter: str | None = Field(default=None, max_length=128)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -67,6 +75,20 @@ class RowInput(BaseModel):
         if isinstance(data, dict):
             return {key: value for key, value in data.items() if _blank_to_none(value) is not None}
         return data
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images_from_text(cls, value: Any) -> Any:
+        # A CSV cell is text: a JSON list there is the list it spells; any other text is one URI.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError("must be a JSON list of image URIs") from None
+            return [text]
+        return value
 
     @field_validator("id", "tenant", mode="before")
     @classmethod
@@ -124,6 +146,7 @@ class TaskRequest(BaseModel):
     prompt: str | None = None
     question: str | None = None
     image: str | None = None
+    images: tuple[str, ...] | None = None  # edit rows: every reference (one or several), never `image`
     region: str | None = None
     adapter: str | None = None
     seed: int | None = None
@@ -131,7 +154,12 @@ class TaskRequest(BaseModel):
     width: int | None = None
     height: int | None = None
     guidance: float | None = None
-    checks: tuple[ImageCheck, ...] = ()  # generate rows: asked of the image once it passed the safety check
+    checks: tuple[ImageCheck, ...] = ()  # generate/edit rows: asked of the image once it passed the safety check
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every input image URI the row reads: an edit's references, a caption's or question's image."""
+        return self.images or ((self.image,) if self.image is not None else ())
 
 
 class TaskResult(BaseModel):
@@ -149,12 +177,17 @@ class TaskResult(BaseModel):
     image_png: bytes | None = Field(default=None, repr=False)
     image_uri: str | None = None
     source_uri: str | None = None
+    reference_uris: list[str] | None = Field(default=None, description="Edit rows: the reference images, in order")
+    reference_sha256: list[str] | None = Field(
+        default=None, description="Edit rows: sha256 of each reference's bytes as read, in order (what reuse keys on)"
+    )
     adapter: str | None = None
     adapter_sha256: str | None = None
     profile: str | None = None
     model_version: str | None = None
     performance: str | None = Field(
-        default=None, description="Generation rows: the speed options the image was made with (Performance.tag)"
+        default=None, description="Generation and edit rows: the speed options the image was made with "
+        "(Performance.tag)"
     )
     checks: dict[str, str] | None = Field(default=None, description="Answers to the request's image checks")
     reused_from: str | None = Field(

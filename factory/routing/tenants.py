@@ -15,6 +15,7 @@ File format (YAML; unknown keys are errors)::
         regions:                       # optional; region name -> adapter name
           eu: eu-minimal
           na: brand
+        inputs: [s3://bucket/acme/, data/acme/]   # optional; where its rows' images may be (factory.io.roots)
       globex: {}                       # a known tenant that always gets the base model
 
 Resolution of `resolve_adapter(tenant, region, adapter)`, first match wins:
@@ -28,6 +29,10 @@ Resolution of `resolve_adapter(tenant, region, adapter)`, first match wins:
 An unknown tenant is an error. Every error is a `TenantError` (an `InputError`) carrying the row field it
 blames, so the job rejects that row. Tenant, region and adapter names match the manifest's name rule: they
 are names, never paths (`../x`, `/etc/passwd` are refused), and `base` is reserved.
+
+A tenant's `inputs` are the roots its rows' and requests' images must lie under (local folders relative to this
+file's folder, s3:// or http(s):// prefixes); a job adds its own `input_roots`, and the online API may only narrow
+them with `api.input_prefixes`. A tenant with none reads what its job allows (see factory.jobs.validate).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factory.errors import ConfigError, InputError, one_line, validation_problems
+from factory.io.roots import normalise_root
 from factory.model.lora.ref import BASE_ADAPTER, SHA256_PATTERN, AdapterRef
 from factory.routing.requests import NAME_PATTERN
 
@@ -87,6 +93,18 @@ class TenantSpec(BaseModel):
     default: str | None = Field(default=None, description="Adapter for rows without a mapped region")
     adapters: dict[str, AdapterSpec] = Field(default_factory=dict)
     regions: dict[str, str] = Field(default_factory=dict, description="Region name -> adapter name")
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="Roots the tenant's images must lie under: local folders (relative to the registry file), "
+        "s3://bucket/prefix/ or http(s)://host/prefix/; a row or request naming an image elsewhere is refused",
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _roots(cls, value: list[str]) -> list[str]:
+        for root in value:
+            normalise_root(root, "/")  # checked here; made absolute against the registry's folder when loaded
+        return value
 
     @field_validator("adapters")
     @classmethod
@@ -135,6 +153,8 @@ class TenantRegistry:
         self.source = source
         self._tenants = spec.tenants
         self._refs: dict[str, AdapterRef] = {}
+        self._inputs = {tenant: tuple(normalise_root(root, str(base_dir)) for root in tenant_spec.inputs)
+                        for tenant, tenant_spec in spec.tenants.items()}
         for tenant, tenant_spec in spec.tenants.items():
             for name, adapter in tenant_spec.adapters.items():
                 self._refs[f"{tenant}/{name}"] = AdapterRef(
@@ -167,6 +187,10 @@ class TenantRegistry:
     @property
     def tenants(self) -> list[str]:
         return sorted(self._tenants)
+
+    def input_roots(self, tenant: str) -> tuple[str, ...]:
+        """The roots the registry gives `tenant`'s images (normalised; none for a tenant it does not name)."""
+        return self._inputs.get(tenant, ())
 
     def adapters(self) -> list[AdapterRef]:
         return [self._refs[key] for key in sorted(self._refs)]

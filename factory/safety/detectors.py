@@ -310,7 +310,8 @@ class HFImageClassifierDetector:
                 processor = AutoImageProcessor.from_pretrained(
                     self.name_or_path, backend=self.image_backend, **common
                 )
-                model_kwargs: dict[str, Any] = dict(common)
+                # safetensors only: a checkpoint that holds only pickle weights is refused, never unpickled.
+                model_kwargs: dict[str, Any] = dict(common, use_safetensors=True)
                 if self.dtype:
                     model_kwargs["dtype"] = self.dtype
                 model = AutoModelForImageClassification.from_pretrained(self.name_or_path, **model_kwargs)

@@ -40,9 +40,24 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serving_config(bucket: str, http_port: int, grpc_port: int, **serve) -> dict:
+def tenants_with_inputs(bucket: str, folder: Path) -> Path:
+    """jobs/tenants.yaml, each tenant confined to its own uploads (umbrella's registry also names private/, which
+    the server's input_prefixes narrow away)."""
+    import yaml
+
+    data = yaml.safe_load(TENANTS.read_text())
+    for name, tenant in data["tenants"].items():
+        for adapter in tenant.get("adapters", {}).values():
+            adapter["uri"] = str(TENANTS.parent / adapter["uri"])  # the same files: the same replica fingerprint
+        tenant["inputs"] = [f"{bucket}/inputs/{name}/"] + ([f"{bucket}/private/"] if name == "umbrella" else [])
+    path = folder / "tenants.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def serving_config(bucket: str, http_port: int, grpc_port: int, tenants: Path = TENANTS, **serve) -> dict:
     return {
-        "app_name": APP, "profile": "tiny", "tenants": str(TENANTS),
+        "app_name": APP, "profile": "tiny", "tenants": str(tenants),
         "serve": {"replicas": 1, "num_cpus": 1, "max_batch_size": 4, "batch_wait_timeout_s": 0.01,
                   "max_ongoing_requests": 4, "max_queued_requests": 8, **serve},
         # Per-tenant prompt lists come with the tenant: acme's word is blocked for acme only.
@@ -53,7 +68,7 @@ def serving_config(bucket: str, http_port: int, grpc_port: int, **serve) -> dict
             "input_prefixes": [f"{bucket}/inputs/"], "output_prefix": f"{bucket}/out",
             "limits": {"max_side": 256, "max_steps": 4, "max_image_bytes": MAX_IMAGE_BYTES},
             "defaults": GEN, "request_timeout_s": 60,
-            "http": {"port": http_port}, "grpc": {"port": grpc_port},
+            "http": {"port": http_port}, "grpc": {"enabled": True, "all_interfaces": True, "port": grpc_port},
         },
     }
 
@@ -79,7 +94,7 @@ def wait_for(check, timeout: float, poll: float = 0.5):
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, s3_endpoint):
+def served(ray_cluster, s3_endpoint, tmp_path_factory):
     from ray import serve
 
     from factory.io.storage import Storage
@@ -87,13 +102,18 @@ def served(ray_cluster, s3_endpoint):
     from factory.routing.app import deploy_serving, load_serving
 
     bucket = new_bucket(s3_endpoint, "api")
-    Storage().write_bytes(f"{bucket}/inputs/coffee.png", png((64, 48), (90, 60, 20)))
+    for tenant in ("acme", "globex"):
+        Storage().write_bytes(f"{bucket}/inputs/{tenant}/coffee.png", png((64, 48), (90, 60, 20)))
+    Storage().write_bytes(f"{bucket}/inputs/globex/upload.png", png((32, 32), (10, 200, 10)))
+    Storage().write_bytes(f"{bucket}/inputs/acme-evil/x.png", png())
+    Storage().write_bytes(f"{bucket}/inputs/umbrella/u.png", png())
     Storage().write_bytes(f"{bucket}/private/secret.png", png())
+    registry = tenants_with_inputs(bucket, tmp_path_factory.mktemp("api-tenants"))
     # Serve's proxies keep the ports they started with: an earlier module's Serve (HTTP only, port 8000) is
     # replaced by one with this module's HTTP and gRPC ports (its apps were deleted with their modules).
     serve.shutdown()
     http_port, grpc_port = _free_port(), _free_port()
-    serving = load_serving(serving_config(bucket, http_port, grpc_port))
+    serving = load_serving(serving_config(bucket, http_port, grpc_port, tenants=registry))
     deploy_serving(serving)
     wait_until_ready(APP, 180)
     base = f"http://127.0.0.1:{http_port}"
@@ -104,6 +124,10 @@ def served(ray_cluster, s3_endpoint):
             serve.delete(name)
         except Exception:  # noqa: BLE001
             pass
+
+
+def key_header(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant].key}"}
 
 
 def post(served, path: str, body: dict, tenant: str | None = "acme", key: str | None = None, timeout=60):
@@ -145,10 +169,10 @@ def assert_error(response, status: int, field: str | None = None):
 def test_health_ready_and_openapi(served):
     assert requests.get(f"{served['base']}/healthz", timeout=10).json() == {"status": "ok", "message": None}
     assert requests.get(f"{served['base']}/readyz", timeout=10).json()["status"] == "ready"
-    schema = requests.get(f"{served['base']}/openapi.json", timeout=10).json()
+    schema = requests.get(f"{served['base']}/openapi.json", headers=key_header("acme"), timeout=10).json()
     assert {"/v1/tasks", "/v1/generate", "/v1/caption", "/v1/answer", "/healthz", "/readyz"} <= set(schema["paths"])
     assert "GenerateBody" in schema["components"]["schemas"]
-    assert requests.get(f"{served['base']}/docs", timeout=10).status_code == 200
+    assert requests.get(f"{served['base']}/docs", headers=key_header("acme"), timeout=10).status_code == 200
 
 
 def test_generate_with_the_tenants_adapter_and_seed(served):
@@ -171,7 +195,7 @@ def test_caption_and_answer_from_base64_and_s3(served):
     caption = post(served, "/v1/caption", {"image_base64": b64(png()), "prompt": "one line"}).json()
     assert caption["status"] == "ok" and caption["task"] == "caption" and caption["caption"]
     assert "image_base64" not in caption
-    answer = post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/coffee.png",
+    answer = post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/acme/coffee.png",
                                          "question": "How many cups?"}).json()
     assert answer["task"] == "vqa" and answer["answer"] and answer["question"] == "How many cups?"
 
@@ -228,7 +252,7 @@ def test_grpc_each_method_and_its_errors(served):
         assert base64.b64decode(over_http["image_base64"]) == generated.image  # one door or the other
         caption = stub.Caption(pb.TaskRequest(image=png()), metadata=metadata, timeout=60)
         assert caption.task == "caption" and caption.caption and caption.safety.verdict == "pass"
-        answer = stub.Answer(pb.TaskRequest(image_uri=f"{served['bucket']}/inputs/coffee.png", question="Cups?"),
+        answer = stub.Answer(pb.TaskRequest(image_uri=f"{served['bucket']}/inputs/globex/coffee.png", question="Cups?"),
                              metadata=metadata, timeout=60)
         assert answer.task == "vqa" and answer.answer
         routed = stub.Task(pb.TaskRequest(prompt="Question: what is it?", image=png()), metadata=metadata, timeout=60)
@@ -271,13 +295,13 @@ def test_bad_input_is_400_or_422_naming_the_field(served):
     assert_error(post(served, "/v1/caption", {"image_base64": "not base64!"}), 422, "image_base64")
     assert_error(post(served, "/v1/caption", {"image_base64": b64(b"hello, not an image")}), 400, "image_base64")
     assert_error(post(served, "/v1/answer", {"image_uri": "/etc/passwd", "question": "?"}), 400, "image_uri")
-    assert_error(post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/missing.png",
+    assert_error(post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/acme/missing.png",
                                              "question": "?"}), 400, "image_uri")
     raw = requests.post(f"{served['base']}/v1/generate", data=b"{not json",
                         headers={"Authorization": f"Bearer {KEYS['acme'].key}", "Content-Type": "application/json"},
                         timeout=30)
     assert_error(raw, 400, "body")
-    assert_error(requests.get(f"{served['base']}/v1/nothing-here", timeout=10), 404)
+    assert_error(requests.get(f"{served['base']}/v1/nothing-here", headers=key_header("acme"), timeout=10), 404)
 
 
 def test_401_403_404(served):
@@ -299,6 +323,44 @@ def test_401_403_404(served):
                  "adapter")
 
 
+def test_a_key_reads_only_its_tenants_inputs_over_http_and_grpc(served):
+    """The tenant's registry `inputs`, narrowed by the server's input_prefixes, judged by the same rule as batch
+    rows: another tenant's upload, '..' (literal or percent-encoded) and a look-alike prefix are 403 before any
+    read, over both doors."""
+    import grpc
+
+    from factory.routing.proto import factory_api_pb2 as pb
+    from factory.routing.proto import factory_api_pb2_grpc as pb_grpc
+
+    bucket = served["bucket"]
+    upload = f"{bucket}/inputs/globex/upload.png"
+    assert post(served, "/v1/answer", {"image_uri": upload, "question": "?"}, tenant="globex").status_code == 200
+    for uri in (upload, f"{bucket}/inputs/acme/%2e%2e/globex/upload.png", f"{bucket}/inputs/acme/../globex/upload.png",
+                f"{bucket}/inputs/acme/%2E%2e%2fglobex%2fupload.png", f"{bucket}/inputs/acme-evil/x.png",
+                f"{bucket}/private/secret.png"):
+        body = assert_error(post(served, "/v1/answer", {"image_uri": uri, "question": "?"}), 403, "image_uri")
+        assert body["message"].startswith(f"image_uri: {uri}") and "is outside the inputs of tenant acme" in body[
+            "message"] and body["message"].endswith(f"(allowed: {bucket}/inputs/acme/)")  # acme's own roots only
+    # umbrella's registry names private/ too; the server's input_prefixes narrow it away
+    assert_error(post(served, "/v1/answer", {"image_uri": f"{bucket}/private/secret.png", "question": "?"},
+                      tenant="umbrella"), 403, "image_uri")
+    assert post(served, "/v1/caption", {"image_uri": f"{bucket}/inputs/umbrella/u.png"},
+                tenant="umbrella").status_code == 200
+
+    metadata = (("application", APP), ("authorization", f"Bearer {KEYS['acme'].key}"))
+    with grpc.insecure_channel(served["grpc"]) as channel:
+        stub = pb_grpc.FactoryStub(channel)
+        own = stub.Answer(pb.TaskRequest(image_uri=f"{bucket}/inputs/acme/coffee.png", question="Cups?"),
+                          metadata=metadata, timeout=60)
+        assert own.answer
+        for uri in (upload, f"{bucket}/inputs/acme/%2e%2e/globex/upload.png", f"{bucket}/inputs/acme-evil/x.png"):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Answer(pb.TaskRequest(image_uri=uri, question="?"), metadata=metadata, timeout=60)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            details = json.loads(caught.value.details())
+            assert details["field"] == "image_uri" and "outside the inputs of tenant acme" in details["message"]
+
+
 def test_413_for_oversized_images(served):
     big = b"\0" * (MAX_IMAGE_BYTES + 10)
     assert_error(post(served, "/v1/caption", {"image_base64": b64(big)}), 413, "image_base64")
@@ -308,9 +370,9 @@ def test_413_for_oversized_images(served):
     assert_error(post(served, "/v1/caption", {"image_base64": b64(bomb.getvalue())}), 413, "image_base64")
     from factory.io.storage import Storage
 
-    Storage().write_bytes(f"{served['bucket']}/inputs/big.bin", big)
-    assert_error(post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/big.bin", "question": "?"}),
-                 413, "image_uri")
+    Storage().write_bytes(f"{served['bucket']}/inputs/acme/big.bin", big)
+    assert_error(post(served, "/v1/answer", {"image_uri": f"{served['bucket']}/inputs/acme/big.bin",
+                                             "question": "?"}), 413, "image_uri")
 
 
 def test_429_past_the_tenants_in_flight_bound(served):
@@ -355,6 +417,199 @@ def test_503_while_no_replica_is_ready(served):
                             headers={"Authorization": f"Bearer {KEYS['acme'].key}"})
     assert assert_error(refused, 503)["code"] == "not_ready" and refused.headers["Retry-After"] == "1"
     serve.delete(NOT_READY_APP)
+
+
+# ---- the door: keys before bodies, bodies bounded before they are read --------------------------------------
+
+GIB = 1 << 30
+# What Serve's proxy and the ingress replica may grow by while a 1 GiB body is refused. Both read ahead of the
+# app (the proxy into a queue, the replica's receive task from the proxy) until the answer goes out, so the bound
+# is the body limit plus what arrives in the milliseconds before the 413; unbounded, they grew by the body (a 64 MB
+# body grew them by up to 350 MB). Measured: at most ~30 MiB on a quiet machine, ~75 MiB with the two cores
+# saturated by other work (more bytes arrive before the answer goes out); the bound leaves room for that.
+RSS_BOUND = 128 * 1024**2
+# A client that has sent this much with no answer yet has found a server reading past its limit: stop there.
+GIVE_UP = 256 * 1024**2
+
+
+def _serve_pids(dashboard: str) -> dict[str, int]:
+    """The processes of Serve's proxy and of this app's ingress replica, as Ray's state API reports them."""
+    from ray.util.state import list_actors
+
+    pids = {}
+    for actor in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000):
+        if actor.class_name == "ProxyActor":
+            pids["proxy"] = actor.pid
+        elif actor.class_name == f"ServeReplica:{APP}:ApiIngress":
+            pids["ingress"] = actor.pid
+    assert set(pids) == {"proxy", "ingress"}, pids
+    return pids
+
+
+class PeakGrowth:
+    """The largest RSS growth of each process while the block runs, sampled every few milliseconds."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        import psutil
+
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.base = {name: process.memory_info().rss for name, process in self.processes.items()}
+        self.peak = dict(self.base)
+        self.running = True
+
+    def sample(self) -> None:
+        while self.running:
+            for name, process in self.processes.items():
+                self.peak[name] = max(self.peak[name], process.memory_info().rss)
+            time.sleep(0.003)
+
+    def __enter__(self) -> PeakGrowth:
+        import threading
+
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.2)  # what the servers still hold just after answering
+        self.running = False
+        self.thread.join()
+
+    def growth(self) -> dict[str, int]:
+        return {name: self.peak[name] - self.base[name] for name in self.processes}
+
+
+def stream_body(served, path: str, *, total: int, chunked: bool, headers: dict[str, str]) -> tuple[int, dict, int]:
+    """POST a `total`-byte JSON body generated as it goes (never held whole), with a declared Content-Length or
+    chunked, until the server answers: (status, JSON answer, bytes sent before the answer)."""
+    import select
+
+    host, port = served["base"].removeprefix("http://").split(":")
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {total}"
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    piece = b"x" * (1 << 20)
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{head}"
+                           f"{framing}\r\n\r\n".encode() + (b'{"prompt": "' if not chunked else b""))
+        sent = 0
+        while sent < total and not select.select([connection], [], [], 0)[0]:
+            assert sent < GIVE_UP, f"{sent} bytes sent and no answer: the server reads past its limit"
+            try:
+                connection.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece)
+            except OSError:  # the server closed after answering; the answer is in the socket
+                break
+            sent += len(piece)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += connection.recv(65536)
+        head_part, body = answer.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head_part.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += connection.recv(65536)
+    return int(head_part.split()[1]), json.loads(body), sent
+
+
+def test_anonymous_calls_are_refused_on_every_route_but_health(served):
+    """Every route of the app (from its own schema, and FastAPI's docs routes), every method, with a body that is
+    not even JSON: 401 unless it is a GET of a health endpoint."""
+    from factory.routing.api import HEALTH_PATHS, api
+
+    schema = requests.get(f"{served['base']}/openapi.json", headers=key_header("acme"), timeout=10).json()
+    routes = {(path, method.upper()) for path, methods in schema["paths"].items() for method in methods}
+    routes |= {(path, "GET") for path in (api.openapi_url, api.docs_url, api.redoc_url,
+                                          api.swagger_ui_oauth2_redirect_url)}
+    assert {("/v1/generate", "POST"), ("/healthz", "GET"), ("/openapi.json", "GET")} <= routes
+    for path, method in sorted(routes):
+        for headers in ({}, {"Authorization": "Bearer fk_000000000000_" + "0" * 64}):
+            response = requests.request(method, f"{served['base']}{path}", data=b"{not json", timeout=30,
+                                        headers={"Content-Type": "application/json", **headers})
+            expected = 200 if method == "GET" and path in HEALTH_PATHS else 401
+            assert response.status_code == expected, (method, path, response.text)
+    # a path no route has, and a health path with another method, are no way around it
+    assert_error(requests.get(f"{served['base']}/v1/nothing-here", timeout=10), 401)
+    assert_error(requests.post(f"{served['base']}/healthz", json={}, timeout=10), 401)
+
+
+def test_the_key_is_checked_before_the_body_is_parsed(served):
+    for body in (b"{not json", json.dumps({"prompt": "x", "colour": "red"}).encode(),
+                 json.dumps({"prompt": "x" * (MAX_IMAGE_BYTES * 4)}).encode()):  # bad, wrong shape, over the limit
+        response = requests.post(f"{served['base']}/v1/generate", data=body, timeout=30,
+                                 headers={"Content-Type": "application/json"})
+        assert assert_error(response, 401)["code"] == "unauthenticated"
+    # with a key, the same bodies reach the parser and the limit
+    keyed = {"Content-Type": "application/json", **key_header("acme")}
+    assert_error(requests.post(f"{served['base']}/v1/generate", data=b"{not json", headers=keyed, timeout=30),
+                 400, "body")
+    big = json.dumps({"prompt": "x" * (MAX_IMAGE_BYTES * 4)}).encode()
+    assert_error(requests.post(f"{served['base']}/v1/generate", data=big, headers=keyed, timeout=30), 413, "body")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_1gib_body_is_refused_before_it_is_read_whole(served, ray_cluster, chunked):
+    """1 GiB from a generator, with a key: 413 while the body is still arriving, with Serve's proxy and the ingress
+    replica each within RSS_BOUND of where they started; without a key, 401 just as early."""
+    limit = served["serving"].config.api.limits.max_body_bytes
+    pids = _serve_pids(ray_cluster["dashboard"])
+    for tenant, status in (("acme", 413), (None, 401)):
+        headers = key_header(tenant) if tenant else {}
+        with PeakGrowth(pids) as memory:
+            code, body, sent = stream_body(served, "/v1/caption", total=GIB, chunked=chunked, headers=headers)
+        assert (code, body["status"]) == (status, status), body
+        if status == 413:
+            assert body["field"] == "body" and str(limit) in body["message"]
+        print(f"{'chunked' if chunked else 'declared'} {status}: sent {sent >> 20} MiB before the answer, "
+              f"growth {({name: value >> 20 for name, value in memory.growth().items()})} MiB")
+        assert sent < GIB // 4
+        assert all(growth < RSS_BOUND for growth in memory.growth().values()), memory.growth()
+
+
+def test_grpc_needs_a_key_on_every_method_and_bounds_messages(served, ray_cluster):
+    """Every method of factory.v1.Factory (from the proto, so a new one is covered) refuses a call without a
+    valid key; a message over the bound is refused by the proxy's gRPC server itself; no reflection."""
+    import grpc
+    import psutil
+    from google.protobuf import message_factory
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    from factory.routing.proto import factory_api_pb2 as pb
+    from factory.routing.proto import factory_api_pb2_grpc as pb_grpc
+
+    service = pb.DESCRIPTOR.services_by_name["Factory"]
+    app = ("application", APP)
+    with grpc.insecure_channel(served["grpc"]) as channel:
+        for method in service.methods:
+            request_type = message_factory.GetMessageClass(method.input_type)
+            call = channel.unary_unary(f"/{service.full_name}/{method.name}",
+                                       request_serializer=request_type.SerializeToString,
+                                       response_deserializer=message_factory.GetMessageClass(method.output_type).FromString)
+            for metadata in ((app,), (app, ("authorization", "Bearer fk_000000000000_" + "0" * 64))):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(request_type(), metadata=metadata, timeout=30)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, method.name
+                assert json.loads(caught.value.details())["code"] == "unauthenticated"
+
+        bound = served["serving"].config.api.grpc_max_message_bytes()
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.FactoryStub(channel).Caption(pb.TaskRequest(image=b"\0" * (bound + 1)), metadata=(app,), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # not UNAUTHENTICATED: never reached the ingress
+        assert "larger than max" in caught.value.details()
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                 timeout=30))
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # What stays open on Serve's gRPC proxy in Ray 2.60 (no setting turns them off): its health and app list
+        serve_api = serve_pb2_grpc.RayServeAPIServiceStub(channel)
+        serve_api.Healthz(serve_pb2.HealthzRequest(), timeout=30)
+        assert APP in serve_api.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=30).application_names
+    # Why api.grpc.all_interfaces must be said: the proxy listens on [::] although api.http.host is loopback
+    port = int(served["grpc"].rsplit(":", 1)[1])
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(_serve_pids(ray_cluster["dashboard"])["proxy"]).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}
+    assert ("::", port) in listening, listening
 
 
 # ---- same images as in-process calls, from several tenants at once --------------------------------------------
@@ -439,8 +694,8 @@ def test_openapi_fuzz_never_answers_5xx_other_than_503_nor_a_traceback(served):
     from hypothesis import HealthCheck, given, settings, strategies
     from schemathesis import GenerationMode
 
-    schema = schemathesis.openapi.from_url(f"{served['base']}/openapi.json")
-    headers = {"Authorization": f"Bearer {KEYS['globex'].key}"}
+    headers = key_header("globex")
+    schema = schemathesis.openapi.from_url(f"{served['base']}/openapi.json", headers=headers)
     failures, calls = [], []
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/tasks", "/v1/generate", "/v1/caption", "/v1/answer"}

@@ -93,8 +93,9 @@ def test_a_catalog_expands_into_stable_rows_per_region_with_checks(nights):
     assert dict(shoe["checks"])["product_visible"]  # the VLM answered about the generated image
     knife = rows["knife-4-eu-64x64-v1"]
     assert knife["status"] == "blocked" and knife["image_uri"] is None and knife["checks"] is None
-    rejects = read_table(Storage(), OutputLayout(str(nights["folder"] / "out" / "2026-11-24")).rejects).to_pylist()
-    assert [(row["id"], row["field"]) for row in rejects] == [("lamp-5", "regions")]
+    rejects = read_table(Storage(), OutputLayout(str(nights["folder"] / "out" / "2026-11-24")).rejects,
+                         hive=True).to_pylist()
+    assert [(row["tenant"], row["id"], row["field"]) for row in rejects] == [("acme", "lamp-5", "regions")]
     assert "unknown region 'mars'" in rejects[0]["reason"]
     assert shoe["seed"] == stable_seed("acme", "shoe-1-eu-64x64-v1")  # from tenant and id: the same every night
 

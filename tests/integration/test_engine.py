@@ -28,16 +28,17 @@ TENANTS = ("acme", "globex", "initech")
 
 
 def write_rows(path: Path, count: int, duplicate_every: int = 0) -> list[str]:
-    """Generation rows over three tenants; with `duplicate_every`, every n-th row repeats an earlier id."""
+    """Generation rows over three tenants; with `duplicate_every`, every n-th row repeats the row before it (same
+    tenant and id: ids are unique per tenant)."""
     ids = []
     with path.open("w") as handle:
         for index in range(count):
-            row_id = f"row-{index:04d}"
+            row_id, tenant = f"row-{index:04d}", TENANTS[index % 3]
             if duplicate_every and index and index % duplicate_every == 0:
-                row_id = f"row-{index - 1:04d}"
+                row_id, tenant = f"row-{index - 1:04d}", TENANTS[(index - 1) % 3]
             else:
                 ids.append(row_id)
-            handle.write(json.dumps({"id": row_id, "tenant": TENANTS[index % 3], "prompt": f"poster {index}"}) + "\n")
+            handle.write(json.dumps({"id": row_id, "tenant": tenant, "prompt": f"poster {index}"}) + "\n")
     return ids
 
 
@@ -58,7 +59,7 @@ def results(root: str) -> list[dict]:
 
 
 def rejects(root: str) -> list[dict]:
-    table = read_table(Storage(), OutputLayout(root).rejects)
+    table = read_table(Storage(), OutputLayout(root).rejects, hive=True)
     return [] if table is None else table.to_pylist()
 
 

@@ -40,7 +40,7 @@ def results_of(storage: Storage, root: str) -> list[dict]:
 
 
 def rejects_of(storage: Storage, root: str) -> list[dict]:
-    table = read_table(storage, OutputLayout(root).rejects)
+    table = read_table(storage, OutputLayout(root).rejects, hive=True)
     return [] if table is None else table.to_pylist()
 
 
@@ -90,6 +90,11 @@ def check_catalog_output(storage: Storage, root: str, performance: str = "plain"
 
     rejects = rejects_of(storage, root)
     assert {row["id"]: row["field"] for row in rejects} == EXPECTED_REJECTS
+    # Each in its tenant's folder; a row of no registered tenant (or no row at all) in _unknown.
+    assert {row["id"]: row["tenant"] for row in rejects} == {
+        "bad-width": "acme", "bad-task": "globex", None: "_unknown", "bad-no-image": "acme",
+        "umbrella-bad-1": "umbrella", "acme-eu-001": "acme", "bad-tenant": "_unknown", "bad-adapter": "globex",
+        "lamp-400": "acme", "mug-500": "globex"}
     assert all(row["reason"] and row["manifest"] and row["manifest_line"] for row in rejects)
     duplicate = next(row for row in rejects if row["field"] == "id")
     assert "duplicate id 'acme-eu-001'" in duplicate["reason"]

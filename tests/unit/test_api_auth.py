@@ -116,16 +116,27 @@ def test_serve_run_config_and_the_application_builder():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from factory.routing.app import build_app
+    from factory.routing.api_models import GrpcOptions
+    from factory.routing.app import build_app, load_serving, proxy_options
 
     repo = Path(__file__).resolve().parents[2]
-    config = ServeDeploySchema.model_validate(yaml.safe_load((repo / "infra" / "serve.yaml").read_text()))
+    text = (repo / "infra" / "serve.yaml").read_text()
+    config = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    assert config.http_options.host == "127.0.0.1" and not config.grpc_options.grpc_servicer_functions  # no gRPC
     (application,) = config.applications
     module, _, name = application.import_path.partition(":")
     assert getattr(importlib.import_module(module), name) is build_app
-    (servicer,) = config.grpc_options.grpc_servicer_functions
+    # the commented gRPC block, added back, is what `factory serve` starts for infra/serve-api.yaml's limits
+    grpc_block = yaml.safe_load("\n".join(line[4:] for line in text.splitlines() if line.startswith("#   ")))
+    with_grpc = ServeDeploySchema.model_validate({**yaml.safe_load(text), **grpc_block})
+    (servicer,) = with_grpc.grpc_options.grpc_servicer_functions
     module, _, function = servicer.rpartition(".")
     assert callable(getattr(importlib.import_module(module), function))
+    served = load_serving(path=repo / "infra" / "serve-api.yaml").config.api
+    options = proxy_options(served.model_copy(update={"grpc": GrpcOptions(enabled=True, all_interfaces=True)}))
+    assert with_grpc.grpc_options.model_dump(include={"port", "enable_reflection", "grpc_servicer_functions"}) == \
+        options["grpc_options"]
+    assert with_grpc.controller_options.runtime_env == options["controller_options"]["runtime_env"]
     import os
 
     cwd = os.getcwd()

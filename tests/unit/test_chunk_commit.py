@@ -47,27 +47,32 @@ def test_validate_chunk_stages_requests_and_writes_rejects_once(tmp_path):
     assert staged.column("id").to_pylist() == ["a", "b"] and staged.column("line").to_pylist() == [1, 2]
     assert staged.column("image").to_pylist()[1] == str(tmp_path / "img" / "b.png")  # relative to the manifest
     assert json.loads(ctx.storage.read_bytes(ctx.layout.chunk_file(chunk.id, VALIDATED)))["requests"] == 2
-    rejects = read_table(ctx.storage, ctx.layout.rejects).to_pylist()
-    assert {(r["manifest_line"], r["field"]) for r in rejects} == {(3, "width"), (4, "colour"), (5, "row")}
+    rejects = read_table(ctx.storage, ctx.layout.rejects, hive=True).to_pylist()
+    assert {(r["tenant"], r["manifest_line"], r["field"]) for r in rejects} == {
+        ("t1", 3, "width"), ("t1", 4, "colour"), ("_unknown", 5, "row")}  # a line with no row has no tenant
     assert all(r["run_id"] == "r1" and r["manifest"] == str(manifest) for r in rejects)
+    assert stats.reject_tenants == {"t1": 2, "_unknown": 1}
+    assert sorted(ctx.storage.list_files(ctx.layout.rejects)) == [
+        ctx.layout.reject_part(tenant, chunk.id, "rows") for tenant in ("_unknown", "t1")]
 
     validate_chunk(ctx, chunk)  # a repeat attempt: the same rejects, still one copy of each
-    assert read_table(ctx.storage, ctx.layout.rejects).num_rows == 3
+    assert read_table(ctx.storage, ctx.layout.rejects, hive=True).num_rows == 3
 
 
 CHUNKS = [("c0", "m0.jsonl"), ("c1", "m1.jsonl"), ("c2", "m2.jsonl")]  # the plan's order: ordinal -> chunk
 
 
 def shard_keys(occurrences, shards=1):
-    """occurrences: (id, chunk, ordinal, line) -> one shard's key table."""
-    tables = [key_table(pa.array([i]), pa.array([line], pa.int64()), ordinal=ordinal, shards=shards)
-              for i, _, ordinal, line in occurrences]
+    """occurrences: (tenant, id, chunk, ordinal, line) -> one shard's key table."""
+    tables = [key_table(pa.array([tenant]), pa.array([i]), pa.array([line], pa.int64()), ordinal=ordinal,
+                        shards=shards)
+              for tenant, i, _, ordinal, line in occurrences]
     return pa.concat_tables(tables)
 
 
 def test_the_first_occurrence_in_input_order_owns_an_id_whatever_order_keys_arrive_in(tmp_path):
-    occurrences = [("x", "c0", 0, 5), ("x", "c1", 1, 2), ("x", "c0", 0, 9), ("y", "c1", 1, 1), ("z", "c2", 2, 3),
-                   ("z", "c2", 2, 4)]
+    occurrences = [("t", "x", "c0", 0, 5), ("t", "x", "c1", 1, 2), ("t", "x", "c0", 0, 9), ("t", "y", "c1", 1, 1),
+                   ("t", "z", "c2", 2, 3), ("t", "z", "c2", 2, 4)]
     layout, storage = OutputLayout(str(tmp_path)), Storage()
     answers = []
     for seed in range(4):
@@ -90,14 +95,35 @@ def test_duplicate_rejects_name_their_owner_and_leave_counts_of_what_will_not_ru
     chunk = build_plan([str(manifest)], Storage(), 100).chunks[0]
     ctx = context(tmp_path / "out")
     _, staged = validate_chunk(ctx, chunk)
-    keys = key_table(staged["id"], staged["line"], ordinal=0, shards=1)
+    keys = key_table(staged["tenant"], staged["id"], staged["line"], ordinal=0, shards=1)
     written = find_duplicates(keys, [(chunk.id, chunk.source)], ctx.layout, ctx.storage)
     index = DedupIndex(shards=1, chunks={chunk.id: [written.column("shard")[0].as_py()]})
     removed = write_duplicate_rejects(ctx, chunk, index)
     assert (removed.requests, removed.tenants, removed.tasks) == (1, {"t": 1}, {"generate": 1})
-    (reject,) = read_table(ctx.storage, ctx.layout.rejects).to_pylist()
-    assert (reject["manifest_line"], reject["field"]) == (3, "id")
+    (reject,) = read_table(ctx.storage, ctx.layout.rejects, hive=True).to_pylist()
+    assert (reject["tenant"], reject["manifest_line"], reject["field"]) == ("t", 3, "id")
     assert reject["reason"] == f"duplicate id 'a' (first at {manifest}#1)"
+    assert ctx.storage.exists(ctx.layout.reject_part("t", chunk.id, "duplicates"))
+
+
+def test_ids_are_per_tenant_and_a_duplicate_names_only_its_own_tenants_row(tmp_path):
+    # globex's p1 comes first in input order; acme's p1 is not its duplicate, acme's second p1 is acme's.
+    occurrences = [("globex", "p1", "c0", 0, 1), ("acme", "p1", "c1", 1, 1), ("acme", "p1", "c1", 1, 4),
+                   ("globex", "p2", "c1", 1, 2), ("acme", "p2", "c2", 2, 1), ("globex", "p1", "c2", 2, 5)]
+    layout, storage = OutputLayout(str(tmp_path)), Storage()
+    written = find_duplicates(shard_keys(occurrences), CHUNKS, layout, storage).to_pylist()
+    index = DedupIndex(shards=1)
+    for row in written:
+        index.chunks.setdefault(row["chunk"], []).append(row["shard"])
+    found = {chunk: load_duplicates(storage, layout, chunk, index) for chunk in ("c0", "c1", "c2")}
+    assert found == {"c0": {}, "c1": {4: ("p1", "m1.jsonl#1")}, "c2": {5: ("p1", "m0.jsonl#1")}}
+
+
+def test_one_id_used_by_many_tenants_spreads_over_shards():
+    # The shard is a hash of tenant and id: a popular id (every tenant's "1") does not pile into one shard.
+    tenants = [f"tenant{n:02d}" for n in range(64)]
+    keys = key_table(pa.array(tenants), pa.array(["1"] * 64), pa.array(range(64), pa.int64()), ordinal=0, shards=16)
+    assert len(set(keys.column("shard").to_pylist())) > 8
 
 
 def result_row(row_id: str, tenant: str, status: str = "ok") -> dict:

@@ -154,7 +154,7 @@ def test_an_adapter_for_another_base_model_is_refused_before_loading(generator, 
     with pytest.raises(AdapterError, match=r"128->128 in the adapter but 64->64 in the model"):
         load_adapter(generator.pipe, str(wide), "wide")
     deep = create_lora(tmp_path / "deep.safetensors", transformer=deeper, rank=4, alpha=4)
-    with pytest.raises(AdapterError, match=r"transformer_blocks\.1\..* which this model does not have"):
+    with pytest.raises(AdapterError, match=r"transformer_blocks\.1\..* which this model \(FluxTransformer2DModel\) does not have"):
         load_adapter(generator.pipe, str(deep), "deep")
     assert_untouched(generator, base_pixels)
 

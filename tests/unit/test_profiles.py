@@ -18,7 +18,8 @@ def test_production_profiles_resolve_to_real_checkpoints_in_bf16(name, source, s
     gen_source, vlm_source, version = resolve_sources(profile)
     assert gen_source == source and vlm_source == "Qwen/Qwen2.5-VL-3B-Instruct"
     assert version == f"{source}@main+Qwen/Qwen2.5-VL-3B-Instruct@main"
-    assert generator.PIPELINE_CLASS == "FluxPipeline" and vlm.AUTO_MODEL_CLASS == "AutoModelForImageTextToText"
+    assert generator.PIPELINE_CLASSES[profile.generator.family] == "FluxPipeline"
+    assert vlm.AUTO_MODEL_CLASS == "AutoModelForImageTextToText"
     assert generator.load_options(profile.generator) == {"revision": None, "dtype": torch.bfloat16, "use_safetensors": True}
     assert vlm.load_options(profile.vlm)["dtype"] is torch.bfloat16
     assert (profile.generator.steps, profile.generator.guidance) == (steps, guidance)

@@ -34,7 +34,10 @@ log = structlog.get_logger(__name__)
 LoraFormat = Literal["diffusers", "kohya"]
 FORMATS: tuple[str, ...] = ("diffusers", "kohya")
 # Attention projections of FLUX's double blocks (image and text streams) and single blocks.
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# FLUX.2's single blocks fuse q/k/v and the MLP's input into one projection, `to_qkv_mlp_proj`, which adapters
+# trained for FLUX.2 target as well.
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                     "to_qkv_mlp_proj")
 # Spectral size of the random delta relative to a unit-gain layer: visible in images, far from unstable.
 DEFAULT_STRENGTH = 0.25
 KOHYA_PREFIX = "lora_transformer_"
@@ -149,9 +152,6 @@ def create_lora(
     dtype: str = "float32",
 ) -> Path:
     """Write a random-init LoRA for `transformer` (real or meta-device) to `out_path` (a .safetensors file)."""
-    import safetensors.torch
-    from diffusers import FluxPipeline
-
     out = Path(out_path)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the adapter file name must end in .safetensors")
@@ -159,24 +159,50 @@ def create_lora(
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if rank < 1 or alpha <= 0 or strength <= 0 or dtype not in _DTYPES:
         raise ValueError("rank >= 1, alpha > 0, strength > 0 and a float dtype are required")
+    if format == "kohya" and type(transformer).__name__ != "FluxTransformer2DModel":
+        raise ValueError(f"the kohya layout is written for FLUX.1 transformers only, not {type(transformer).__name__} "
+                         "(diffusers reads FLUX.2 kohya files by the original BFL module names); use diffusers")
     config, shapes = lora_layout(transformer, rank=rank, alpha=alpha, target_modules=target_modules)
     weights = random_lora_weights(shapes, rank=rank, alpha=alpha, seed=seed, strength=strength, dtype=dtype)
-    if format == "diffusers":
-        metadata = config.to_dict()
-        # Sets serialise in hash order, which changes between processes: sort them so bytes are reproducible.
-        metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
-        _write_atomically(out, lambda folder: FluxPipeline.save_lora_weights(
-            folder, transformer_lora_layers=weights, weight_name=out.name, safe_serialization=True,
-            transformer_lora_adapter_metadata=metadata,
-        ))
-    else:
-        kohya = to_kohya(weights, alpha)
-        _check_kohya_round_trip(kohya, weights)
-        header = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                  "ss_network_alpha": str(float(alpha))}
-        _write_atomically(out, lambda folder: safetensors.torch.save_file(kohya, folder / out.name, metadata=header))
+    write_adapter(out, weights, config, format=format)
     log.info("adapter created", path=str(out), format=format, rank=rank, alpha=alpha, seed=seed,
              layers=len(shapes) // 2)
+    return out
+
+
+def write_adapter(out: Path, weights: dict[str, torch.Tensor], config: Any, *, format: LoraFormat = "diffusers",
+                  metadata: dict[str, str] | None = None) -> Path:
+    """Write peft-keyed LoRA `weights` (as `get_peft_model_state_dict` gives them) made with the peft
+    `LoraConfig` `config` to the local file `out`, atomically, in `format`; `metadata` (str -> str) joins the
+    safetensors header. Same inputs, same bytes."""
+    import safetensors.torch
+    from diffusers import FluxPipeline
+
+    extra = dict(metadata or {})
+    if format == "diffusers":
+        lora_metadata = config.to_dict()
+        # Sets serialise in hash order, which changes between processes: sort them so bytes are reproducible.
+        lora_metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in lora_metadata.items()}
+
+        def save(folder: Path) -> None:
+            FluxPipeline.save_lora_weights(
+                folder, transformer_lora_layers=weights, weight_name=out.name, safe_serialization=True,
+                transformer_lora_adapter_metadata=lora_metadata,
+            )
+            if extra:  # save_lora_weights has no place for other metadata: write the file again with it
+                path = folder / out.name
+                with safetensors.safe_open(str(path), framework="pt") as written:
+                    header = written.metadata() or {}
+                safetensors.torch.save_file(safetensors.torch.load_file(str(path)), str(path),
+                                            metadata={**header, **extra})
+
+        _write_atomically(out, save)
+    else:
+        kohya = to_kohya(weights, config.lora_alpha)
+        _check_kohya_round_trip(kohya, weights)
+        header = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                  "ss_network_alpha": str(float(config.lora_alpha)), **extra}
+        _write_atomically(out, lambda folder: safetensors.torch.save_file(kohya, folder / out.name, metadata=header))
     return out
 
 
@@ -184,16 +210,19 @@ def create_lora_for_profile(
     out: str | Path, profile_name: str, rank: int = 8, alpha: float = 16, seed: int = 0,
     format: LoraFormat = "diffusers",
 ) -> Path:
-    """For the CLI: an adapter that fits `profile_name`'s transformer. Reads the transformer's config only."""
+    """For the CLI: an adapter that fits `profile_name`'s transformer (FLUX.1 or FLUX.2). Reads the transformer's
+    config only."""
+    import diffusers
     import torch
-    from diffusers import FluxTransformer2DModel
 
+    from factory.model.generator import TRANSFORMER_CLASSES
     from factory.model.profiles import get_profile
     from factory.model.stack import resolve_sources
 
     profile = get_profile(profile_name)
     source, _, _ = resolve_sources(profile)
-    config = FluxTransformer2DModel.load_config(source, subfolder="transformer", revision=profile.generator.revision)
+    transformer_class = getattr(diffusers, TRANSFORMER_CLASSES[profile.generator.family])
+    config = transformer_class.load_config(source, subfolder="transformer", revision=profile.generator.revision)
     with torch.device("meta"):
-        skeleton = FluxTransformer2DModel.from_config(config)
+        skeleton = transformer_class.from_config(config)
     return create_lora(out, transformer=skeleton, rank=rank, alpha=alpha, seed=seed, format=format)

@@ -19,6 +19,11 @@ changes which weights the graph reads. In this mode an adapter's scale is baked 
 reloads it), and memory is fixed by the slots, so `max_bytes` only bounds a single adapter. A replica on a
 compiled profile sets this mode up itself (`factory.routing.replica.plan_hotswap`): rank from the adapters'
 headers, one slot, its widest adapter loaded before the transformer is compiled.
+
+Mirrors: a profile whose edits run on a second transformer of the same architecture (FLUX.1 Kontext [dev] beside
+FLUX.1 [dev], `FluxGenerator.lora_mirrors`) passes that pipeline as a mirror: every adapter's transformer part is
+loaded, switched, hot-swapped and evicted there too, under the same name, so a tenant's adapter styles its edit
+rows as it styles its generated ones. Text-encoder layers live once, in the text encoder both pipelines share.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -75,10 +80,16 @@ class LoraPool:
     def __init__(
         self, pipe: Any, *, max_adapters: int = DEFAULT_MAX_ADAPTERS, max_bytes: int = DEFAULT_MAX_BYTES,
         storage: ByteSource | None = None, limits: LoadLimits | None = None, hotswap_rank: int | None = None,
+        mirrors: Sequence[Any] = (),
     ) -> None:
         if max_adapters < 1 or max_bytes < 1:
             raise ValueError("max_adapters and max_bytes must be at least 1")
         self.pipe = pipe
+        self.mirrors = list(mirrors)
+        for mirror in self.mirrors:
+            if _architecture(mirror.transformer) != _architecture(pipe.transformer):
+                raise ModelError("a LoRA mirror's transformer must have the pipeline's architecture, "
+                                 f"{type(pipe.transformer).__name__} with the same config")
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self.storage = storage
@@ -96,10 +107,12 @@ class LoraPool:
         if hotswap_rank is not None:
             if hotswap_rank < 1:
                 raise ValueError("hotswap_rank must be at least 1")
-            if loaded_adapter_names(pipe):
+            if loaded_adapter_names(pipe) or any(loaded_adapter_names(m) for m in self.mirrors):
                 raise ModelError("LoRA hot-swap must be enabled before the pipeline's first adapter is loaded")
             # Pads every slot to this rank and turns scalings into tensors, so later swaps fit the compiled graph.
             pipe.enable_lora_hotswap(target_rank=hotswap_rank)
+            for mirror in self.mirrors:
+                mirror.transformer.enable_lora_hotswap(target_rank=hotswap_rank)
 
     # ---- public API ----------------------------------------------------------------------------------
 
@@ -154,6 +167,8 @@ class LoraPool:
                     if loaded_adapter_names(self.pipe):
                         started = time.perf_counter()
                         self.pipe.disable_lora()
+                        for mirror in self.mirrors:
+                            mirror.transformer.disable_lora()
                         self._record_switch(started)
                     self._active = None
                 return None
@@ -161,11 +176,16 @@ class LoraPool:
             if self._active != (ref.key, ref.scale):
                 started = time.perf_counter()
                 self.pipe.enable_lora()
+                for mirror in self.mirrors:
+                    mirror.transformer.enable_lora()
                 if self.hotswap_rank is None:
                     self.pipe.set_adapters([loaded.adapter_name], adapter_weights=[ref.scale])
+                    for mirror in self.mirrors:
+                        mirror.transformer.set_adapters([loaded.adapter_name], weights=[ref.scale])
                 else:
                     # Not set_adapters: it recomputes scalings from the slot's first adapter (see _load).
-                    self.pipe.transformer.set_adapter(loaded.adapter_name)
+                    for transformer in [self.pipe.transformer, *(m.transformer for m in self.mirrors)]:
+                        transformer.set_adapter(loaded.adapter_name)
                 self._active = (ref.key, ref.scale)
                 self._record_switch(started)
             return loaded
@@ -209,18 +229,26 @@ class LoraPool:
 
     def _load(self, ref: AdapterRef, prepared: PreparedAdapter) -> _Entry:
         # Every check runs before anything is evicted or loaded: a refused file leaves the pipe as it was.
-        if prepared.tensor_bytes > self.max_bytes:
-            raise AdapterError(f"{ref.uri}: {prepared.tensor_bytes} bytes of LoRA weights exceed the pool's "
+        mirrored = prepared.only("transformer")
+        tensor_bytes = prepared.tensor_bytes + len(self.mirrors) * mirrored.tensor_bytes
+        if tensor_bytes > self.max_bytes:
+            raise AdapterError(f"{ref.uri}: {tensor_bytes} bytes of LoRA weights exceed the pool's "
                                f"{self.max_bytes} byte budget")
         if self.hotswap_rank is None:
             name, hotswap = ref.adapter_name, False
-            self._make_room(prepared.tensor_bytes)
+            self._make_room(tensor_bytes)
         else:
             name, hotswap = self._pick_slot(ref, prepared)
         self._active = _UNKNOWN
+        scale = 1.0 if self.hotswap_rank is None else ref.scale
         try:
-            elapsed_ms = load_prepared(self.pipe, prepared, name, hotswap=hotswap,
-                                       scale=1.0 if self.hotswap_rank is None else ref.scale)
+            elapsed_ms = load_prepared(self.pipe, prepared, name, hotswap=hotswap, scale=scale)
+            try:
+                for mirror in self.mirrors:
+                    elapsed_ms += load_prepared(mirror, mirrored, name, hotswap=hotswap, scale=scale)
+            except AdapterError:
+                _delete_quietly([self.pipe.transformer, *(m.transformer for m in self.mirrors)], name)
+                raise
         except AdapterError:
             if hotswap or name not in loaded_adapter_names(self.pipe):
                 # diffusers drops a slot whose swap failed; its layers are no longer fixed.
@@ -228,7 +256,7 @@ class LoraPool:
             raise
         if self.hotswap_rank is not None and not hotswap:
             self._slot_layers[name] = _layers(prepared)
-        entry = _Entry(ref, name, prepared.sha256, prepared.max_rank, prepared.tensor_bytes)
+        entry = _Entry(ref, name, prepared.sha256, prepared.max_rank, tensor_bytes)
         self._entries[ref.key] = entry
         self._counters["loads"] += 1
         self._counters["load_ms_last"] = elapsed_ms
@@ -276,6 +304,8 @@ class LoraPool:
     def _evict(self, key: str) -> None:
         entry = self._entries.pop(key)
         if self.hotswap_rank is None:
+            for mirror in self.mirrors:
+                mirror.transformer.delete_adapters(entry.name)
             self.pipe.delete_adapters(entry.name)
             self._active = _UNKNOWN
         elif self._active not in (None, _UNKNOWN) and self._active[0] == key:
@@ -289,6 +319,20 @@ class LoraPool:
         self._counters["switches"] += 1
         self._counters["switch_ms_last"] = elapsed_ms
         self._counters["switch_ms_total"] += elapsed_ms
+
+
+def _architecture(transformer: Any) -> tuple[str, dict]:
+    return type(transformer).__name__, {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+
+
+def _delete_quietly(transformers: list, name: str) -> None:
+    """Take a half-loaded adapter off every transformer that has it (diffusers drops a failed hot-swap itself)."""
+    for transformer in transformers:
+        if name in (getattr(transformer, "peft_config", None) or {}):
+            try:
+                transformer.delete_adapters(name)
+            except Exception:  # noqa: BLE001 - already failing; the load error is the one to report
+                log.warning("could not remove a half-loaded adapter", adapter=name)
 
 
 def _layers(prepared: PreparedAdapter) -> dict[str, frozenset[str]]:

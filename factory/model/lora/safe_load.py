@@ -9,9 +9,11 @@ Order of checks, each one before anything later sees the bytes:
    entries cover the data section exactly -- whatever its name says; pickle and torch-zip magic get a
    clear message;
 5. the tensors are parsed by `safetensors` from memory (never `torch.load`);
-6. ecosystem key formats (kohya, ai-toolkit, peft) are converted by diffusers' own
-   `FluxPipeline.lora_state_dict`, and every LoRA A/B pair is checked against the pipeline's modules: an
-   existing `nn.Linear` (in the transformer or the CLIP text encoder) with matching in/out features;
+6. ecosystem key formats (kohya, ai-toolkit, peft) are converted by diffusers' own `lora_state_dict` of the
+   pipeline's class (FluxPipeline, Flux2KleinPipeline), and every LoRA A/B pair is checked against the pipeline's
+   modules: an existing `nn.Linear` (in a component the pipeline loads LoRAs into: FLUX.1's transformer and CLIP
+   text encoder, FLUX.2's transformer) with matching in/out features. An adapter made for another architecture
+   fails here, naming the layer it lacks or whose shape differs;
 7. only then `pipe.load_lora_weights(<that dict>)` -- diffusers never opens the file -- and afterwards the
    adapter must sit on every layer it names with a non-zero delta, because files that load but change nothing
    happen (diffusers issues 9291, 9292).
@@ -20,11 +22,14 @@ Adapter metadata: diffusers writes a `LoraConfig` (`lora_alpha`, `r`, ...) into 
 honours it when it loads a *path*, but not when it is handed a dict. So a uniform `lora_alpha` from that header
 is carried as per-module `<module>.alpha` entries, the form `lora_state_dict` reads from a dict; metadata this
 code cannot express that way (rsLoRA, DoRA, per-module alpha patterns) is refused rather than silently dropped.
+FLUX.2's loader reads no alpha entries from a dict (it refuses keys without "lora"), so for it the scale alpha / rank
+is folded into each pair's B weights, which diffusers then loads at alpha = rank: the same delta.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -47,7 +52,8 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 # FLUX.1 LoRAs with text-encoder layers have ~2k tensors (~200 kB of header); the cap only stops absurd headers.
 DEFAULT_MAX_HEADER_BYTES = 8 * 1024 * 1024
-# The components FluxPipeline.load_lora_weights loads into; keys for anything else would be dropped silently.
+# The components FluxPipeline.load_lora_weights loads into; keys for anything else would be dropped silently. Other
+# pipelines say theirs in `_lora_loadable_modules` (Flux2KleinPipeline: the transformer only).
 LORA_COMPONENTS = ("transformer", "text_encoder")
 # Projections diffusers' fuse_qkv_projections replaces in the forward pass (it keeps the modules themselves).
 _FUSABLE = frozenset({"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"})
@@ -123,6 +129,7 @@ class PreparedAdapter:
     state_dict: dict[str, Any] = field(repr=False)
     targets: dict[tuple[str, str], int] = field(repr=False)  # (component, module path) -> rank
     tensor_bytes: int
+    alphas_in_weights: bool = False  # the pipeline reads no alpha entries: scale the B weights instead
 
     @property
     def max_rank(self) -> int:
@@ -137,6 +144,8 @@ class PreparedAdapter:
         For hot-swap slots: peft sets a swapped adapter's scaling from its alpha, and `set_adapters(weights=)`
         would recompute it from the slot's *first* adapter's alpha, so the strength has to travel in the alphas.
         """
+        if self.alphas_in_weights:
+            return self._folded(scale)
         if scale == 1.0:
             return dict(self.state_dict)
         scaled = dict(self.state_dict)
@@ -144,6 +153,27 @@ class PreparedAdapter:
             key = f"{component}.{module}.alpha"
             scaled[key] = float(scaled.get(key, rank)) * scale
         return scaled
+
+    def _folded(self, scale: float) -> dict[str, Any]:
+        """The pairs alone, each B times scale * alpha / rank: loaded at alpha = rank, the same delta."""
+        folded = {key: value for key, value in self.state_dict.items() if not _ALPHA_KEY.match(key)}
+        for (component, module), rank in self.targets.items():
+            factor = scale * float(self.state_dict.get(f"{component}.{module}.alpha", rank)) / rank
+            if factor != 1.0:
+                key = f"{component}.{module}.lora_B.weight"
+                folded[key] = folded[key] * factor
+        return folded
+
+    def only(self, component: str) -> PreparedAdapter:
+        """The part of this adapter that loads into `component` (a second transformer of the same architecture
+        gets the transformer part; a shared text encoder already holds its own)."""
+        prefix = f"{component}."
+        state_dict = {key: value for key, value in self.state_dict.items() if key.startswith(prefix)}
+        return PreparedAdapter(
+            self.uri, self.sha256, state_dict, {t: r for t, r in self.targets.items() if t[0] == component},
+            sum(v.numel() * v.element_size() for v in state_dict.values() if hasattr(v, "numel")),
+            self.alphas_in_weights,
+        )
 
 
 # ---- 1-5: bytes -> tensors -----------------------------------------------------------------------------
@@ -284,13 +314,28 @@ def _alphas_from_metadata(adapter: AdapterFile) -> dict[str, float]:
     return alphas
 
 
+def lora_components(pipe: Any) -> tuple[str, ...]:
+    """The components `pipe.load_lora_weights` loads into."""
+    return tuple(getattr(type(pipe), "_lora_loadable_modules", LORA_COMPONENTS))
+
+
+def _reads_alphas(pipe: Any) -> bool:
+    """Whether the pipeline's `lora_state_dict` hands back alphas (FLUX.1's does; FLUX.2's has no such option)."""
+    return "return_alphas" in inspect.signature(type(pipe).lora_state_dict).parameters
+
+
 def _convert(adapter: AdapterFile, pipe: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """diffusers' own converter: kohya / ai-toolkit / peft keys -> `<component>.<module>.lora_{A,B}.weight`."""
     raw: dict[str, Any] = dict(adapter.tensors)
     raw.update(_alphas_from_metadata(adapter))
     try:
         # lora_state_dict pops entries from the dict it is given: hand it our own copy.
-        state_dict, alphas = type(pipe).lora_state_dict(raw, return_alphas=True)
+        if _reads_alphas(pipe):
+            state_dict, alphas = type(pipe).lora_state_dict(raw, return_alphas=True)
+        else:  # the alpha entries come back among the pairs; take them out
+            converted = type(pipe).lora_state_dict(raw)
+            alphas = {key: value for key, value in converted.items() if _ALPHA_KEY.match(key)}
+            state_dict = {key: value for key, value in converted.items() if key not in alphas}
     except Exception as error:  # noqa: BLE001 - the converters raise many types on odd input; all mean "refuse"
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise AdapterError(f"{adapter.uri}: not a LoRA layout diffusers can read ({message[:200]})") from None
@@ -321,7 +366,8 @@ def _linear(pipe: Any, component: str, module: str, uri: str):
     try:
         layer = model.get_submodule(path)
     except AttributeError:
-        raise AdapterError(f"{uri}: targets {component}.{module}, which this model does not have") from None
+        raise AdapterError(f"{uri}: targets {component}.{module}, which this model ({type(model).__name__}) does not "
+                           "have (made for another base model?)") from None
     parent_path, _, leaf = path.rpartition(".")
     if leaf in _FUSABLE and getattr(model.get_submodule(parent_path), "fused_projections", False):
         # The fused attention reads to_qkv / to_added_qkv; a LoRA on the separate projection would do nothing.
@@ -338,6 +384,7 @@ def prepare_adapter(adapter: AdapterFile, pipe: Any) -> PreparedAdapter:
     """Step 6: convert with diffusers, then check every pair against `pipe` -- before anything is loaded."""
     _refuse_unsupported(adapter)
     state_dict, alphas = _convert(adapter, pipe)
+    components = lora_components(pipe)
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
         match = _PAIR_KEY.match(key)
@@ -348,9 +395,9 @@ def prepare_adapter(adapter: AdapterFile, pipe: Any) -> PreparedAdapter:
                                f"(text_encoder.<module>.lora_A.weight), got {key!r}")
         if not match:
             raise AdapterError(f"{adapter.uri}: unsupported key {key!r} after conversion")
-        if match["component"] not in LORA_COMPONENTS:
-            raise AdapterError(f"{adapter.uri}: targets {match['component']}; FLUX LoRAs load into "
-                               f"{' and '.join(LORA_COMPONENTS)} only")
+        if match["component"] not in components:
+            raise AdapterError(f"{adapter.uri}: targets {match['component']}; {type(pipe).__name__} LoRAs load "
+                               f"into {' and '.join(components)} only")
         pairs.setdefault((match["component"], match["module"]), {})[match["kind"]] = tensor
     if not pairs:
         raise AdapterError(f"{adapter.uri}: holds no LoRA weights")
@@ -379,7 +426,8 @@ def prepare_adapter(adapter: AdapterFile, pipe: Any) -> PreparedAdapter:
         if not match or (match["component"], match["module"]) not in targets:
             raise AdapterError(f"{adapter.uri}: alpha {key!r} belongs to no LoRA pair")
     tensor_bytes = sum(t.numel() * t.element_size() for t in state_dict.values())
-    return PreparedAdapter(adapter.uri, adapter.sha256, {**state_dict, **alphas}, targets, tensor_bytes)
+    return PreparedAdapter(adapter.uri, adapter.sha256, {**state_dict, **alphas}, targets, tensor_bytes,
+                           alphas_in_weights=not _reads_alphas(pipe))
 
 
 # ---- 7: load and verify ----------------------------------------------------------------------------------
@@ -445,7 +493,7 @@ def _remove_quietly(pipe: Any, adapter_name: str) -> None:
 
 def loaded_adapter_names(pipe: Any) -> set[str]:
     names: set[str] = set()
-    for component in LORA_COMPONENTS:
+    for component in lora_components(pipe):
         names.update(getattr(getattr(pipe, component, None), "peft_config", None) or {})
     return names
 

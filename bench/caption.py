@@ -82,7 +82,7 @@ def write_tiny_bmps(folder: Path, count: int) -> None:
 
 def make_spec(folder: Path, output: Path, *, cpus: float, keep_warm: bool = True, chunk_objects: int = 1000,
               commit_seconds: float = 10.0):
-    from factory.jobs.archive import caption_spec
+    from factory.jobs.sources.archives.source import caption_spec
 
     return caption_spec([str(folder)], str(output), overrides=[
         f"serve.num_cpus={cpus}", f"serve.max_batch_size={BATCH}", f"serve.max_ongoing_requests={2 * BATCH}",
@@ -119,7 +119,7 @@ def bare_loop(folder: Path, runner, label: str = "bare") -> tuple[float, Work]:
 
 
 def factory_run(spec, run_id: str, images: int) -> tuple[float, Work]:
-    from factory.jobs.pipeline import run_job
+    from factory.jobs.run import run_job
 
     started = time.perf_counter()
     summary = run_job(spec, run_id=run_id, show_progress=False)
@@ -131,7 +131,7 @@ def factory_run(spec, run_id: str, images: int) -> tuple[float, Work]:
 def throughput(images: int, repeats: int, cpus: float, address: str | None, work_log: WorkLog) -> dict:
     import ray
 
-    from factory.jobs.cluster import default_app_name
+    from factory.jobs.cluster.serve_app import default_app_name
 
     threads = max(1, int(cpus))  # the replica's torch threads for `cpus` (factory.routing.app.replica_setup)
     join_or_start_ray(address, math.ceil(2 * cpus + 2))
@@ -173,7 +173,7 @@ def memory_child(images: int, cpus: float, address: str | None) -> None:
 
     from bench.common import PeakTreeRss
     from factory.jobs.cluster import connect
-    from factory.jobs.pipeline import run_job
+    from factory.jobs.run import run_job
 
     connect(address)
     work = Path(tempfile.mkdtemp(prefix="bench-caption-memory-"))
@@ -205,10 +205,11 @@ def memory(sizes: list[int], cpus: float, address: str | None, work_log: WorkLog
 def first_caption(objects: int, cpus: float, address: str | None) -> dict:
     import ray
 
-    import factory.jobs.runs as runs
+    import factory.jobs.run as runs
     from factory.io.layout import OutputLayout
-    from factory.jobs.cluster import connect, default_app_name
-    from factory.jobs.pipeline import run_job
+    from factory.jobs.cluster import connect
+    from factory.jobs.cluster.serve_app import default_app_name
+    from factory.jobs.run import run_job
 
     work = Path(tempfile.mkdtemp(prefix="bench-caption-first-"))
     started = time.perf_counter()
@@ -217,10 +218,10 @@ def first_caption(objects: int, cpus: float, address: str | None) -> dict:
     write_tiny_bmps(work / "warm", 8)
     connect(address)
     run_job(make_spec(work / "warm", work / "warm-out", cpus=cpus), run_id="warm", show_progress=False)
-    # The run's tally, to stop it through its error budget: run_archive_job starts it with runs.start_tally.
+    # The run's tally, to stop it through its error budget: the driver (factory.jobs.run) starts it with start_tally.
     tallies = []
     original = runs.start_tally
-    runs.start_tally = lambda spec: tallies.append(original(spec)) or tallies[-1]
+    runs.start_tally = lambda budget: tallies.append(original(budget)) or tallies[-1]
     # Rows are committed every commit.seconds: 1 s here, so the figure is the pipeline's, not the commit cadence's.
     spec = make_spec(work / "many", work / "out", cpus=cpus, commit_seconds=1.0)
     layout = OutputLayout(str(work / "out" / "first"))
@@ -244,8 +245,8 @@ def first_caption(objects: int, cpus: float, address: str | None) -> dict:
     planned = len(list(plan.glob("s*-c*.json")))
     if not tallies:
         runs.start_tally = original
-        raise SystemExit("first caption: the run started no tally through factory.jobs.runs.start_tally, so the "
-                         "bench cannot stop it; follow where run_archive_job starts its tally now")
+        raise SystemExit("first caption: the run started no tally through factory.jobs.run.start_tally, so the "
+                         "bench cannot stop it; follow where the driver starts its tally now")
     ray.get(tallies[-1].add.remote({"failed": 10**9}))  # over the error budget: the workers stop at their next commit
     thread.join(timeout=300)
     runs.start_tally = original

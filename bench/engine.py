@@ -78,7 +78,7 @@ def child(spec_path: str, address: str | None) -> None:
 
     from bench.common import PeakTreeRss
     from factory.jobs.cluster import connect
-    from factory.jobs.pipeline import validate_job
+    from factory.jobs.run import validate_job
     from factory.jobs.spec import load_spec
     from factory.logs import configure_logging
 
@@ -143,7 +143,7 @@ def resume(work: Path, manifest: Path, rows: int, address: str | None) -> dict:
     kill_tree(process)
     before = validated_chunks(work, "resume")
     second = run_child(spec, address)
-    from factory.jobs.pipeline import VALIDATE_CPUS
+    from factory.jobs.sources.manifests.duplicates import VALIDATE_CPUS
 
     slots = int((os.cpu_count() or 1) / VALIDATE_CPUS)
     return {"chunks": chunks, "validated_at_kill": before, "rerun_rows_read": second["rows_read"],

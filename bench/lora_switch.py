@@ -237,8 +237,8 @@ def through_job(generator: FluxGenerator, args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from factory.jobs.cluster import default_app_name
-    from factory.jobs.pipeline import run_job
+    from factory.jobs.cluster.serve_app import default_app_name
+    from factory.jobs.run import run_job
     from factory.jobs.spec import JobSpec
     from factory.routing.replica import DEPLOYMENT_NAME
 

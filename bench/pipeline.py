@@ -80,8 +80,8 @@ def _runner(spec, threads: int):
 def bare_loop(manifest: Path, output: Path, runner, spec, label: str = "bare") -> tuple[float, Work]:
     """The same rows, parser, runner, safety checks, PNG encoding and writes, in this process, no Ray."""
     from factory.io.storage import Storage
-    from factory.jobs.manifests import iter_manifest_records
-    from factory.jobs.pipeline import generation_defaults
+    from factory.jobs.sources.manifests.files import iter_manifest_records
+    from factory.jobs.spec import generation_defaults
     from factory.routing.batch import ReplicaCall
     from factory.routing.parser import parse_request
 
@@ -110,8 +110,9 @@ def factory_run(spec, run_id: str, rows: int) -> tuple[float, float, Work]:
     """One `factory run` of `spec` (its own output folder); whole-run and steady rows/s, and its work."""
     from factory.io.layout import OutputLayout
     from factory.io.storage import Storage
-    from factory.jobs.commit import read_table
-    from factory.jobs.pipeline import output_root, run_job
+    from factory.jobs.engine.commit import read_table
+    from factory.jobs.run import run_job
+    from factory.jobs.spec import output_root
 
     started = time.perf_counter()
     summary = run_job(spec, run_id=run_id, show_progress=False)
@@ -124,8 +125,7 @@ class StackWorker:
     """The plain actor-pool design: a Ray Data actor holding the whole stack itself (no Serve, no chunks)."""
 
     def __init__(self, spec_json: str, output: str, threads: int):
-        from factory.jobs.pipeline import generation_defaults
-        from factory.jobs.spec import JobSpec
+        from factory.jobs.spec import JobSpec, generation_defaults
 
         self.spec = JobSpec.model_validate_json(spec_json)
         self.runner = _runner(self.spec, threads)
@@ -173,7 +173,7 @@ def throughput(rows: int, repeats: int, size: int, steps: int, batch: int, cpus:
                work_log: WorkLog) -> dict:
     import ray
 
-    from factory.jobs.cluster import default_app_name
+    from factory.jobs.cluster.serve_app import default_app_name
 
     threads = max(1, int(cpus))  # the replica's torch threads for `cpus` (factory.routing.app.replica_setup)
     join_or_start_ray(address, math.ceil(2 * cpus + 2))
@@ -233,8 +233,8 @@ def memory_child(rows: int, size: int, steps: int, cpus: float, address: str | N
     write_manifest(work / "rows.jsonl", rows)
     spec = make_spec(work / "rows.jsonl", work / "out", size=size, steps=steps, cpus=cpus, batch=8)
     from bench.common import PeakTreeRss
-    from factory.jobs.cluster import default_app_name, release
-    from factory.jobs.pipeline import run_job
+    from factory.jobs.cluster.serve_app import default_app_name, release
+    from factory.jobs.run import run_job
 
     started = time.perf_counter()
     with PeakTreeRss() as peak:

@@ -213,7 +213,7 @@ def load(base: str, key: str, clients: int, seconds: float, image_b64: str) -> d
 def deploy(replicas: int, key_entry: dict, http_port: int, grpc_port: int, cpus: float) -> None:
     import requests
 
-    from factory.jobs.cluster import wait_until_ready
+    from factory.jobs.cluster.serve_app import wait_until_ready
     from factory.routing.app import deploy_serving, load_serving
 
     serving = load_serving(serving_config(replicas, key_entry, http_port, grpc_port, cpus))

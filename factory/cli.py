@@ -139,8 +139,8 @@ def run(
     ] = None,
 ):
     """Run a job: manifests through the replicas to results, exactly once per row."""
-    from factory.jobs.pipeline import run_job
-    from factory.jobs.report import print_summary
+    from factory.jobs.report.tables import print_summary
+    from factory.jobs.run import run_job
     from factory.jobs.spec import load_spec
 
     _configure_logging()
@@ -166,9 +166,9 @@ def caption(
     address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: $RAY_ADDRESS or local)")] = None,
 ):
     """Caption every image of archives: rows in DEST/<run>/results/, optional trainer sidecars; resumable."""
-    from factory.jobs.archive import caption_spec, default_run_id
-    from factory.jobs.pipeline import run_job
-    from factory.jobs.report import print_summary
+    from factory.jobs.report.tables import print_summary
+    from factory.jobs.run import run_job
+    from factory.jobs.sources.archives.source import caption_spec, default_run_id
 
     _configure_logging()
     spec = caption_spec(sources, output, prompt=prompt, question=question, sidecars=sidecars, profile=profile,
@@ -185,8 +185,8 @@ def validate(
     address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: $RAY_ADDRESS or local)")] = None,
 ):
     """Read and validate a job's rows with no model replicas: counts, rejects and an estimate of model time."""
-    from factory.jobs.pipeline import validate_job
-    from factory.jobs.report import print_validation
+    from factory.jobs.report.tables import print_validation
+    from factory.jobs.run import validate_job
     from factory.jobs.spec import load_spec
 
     _configure_logging()
@@ -204,8 +204,8 @@ def submit(
     wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends")] = True,
 ):
     """Submit a job to a Ray cluster through its Jobs API (same as `ray job submit ... factory run`)."""
+    from factory.jobs.cluster.submit import submit_job
     from factory.jobs.spec import load_spec
-    from factory.jobs.submit import submit_job
 
     load_spec(spec_path, overrides or [])  # fail here, not on the cluster, when the spec is wrong
     status = submit_job(spec_path, address=address, overrides=overrides or [], run_id=_checked_run_id(run_id), wait=wait)
@@ -222,7 +222,7 @@ def report(
 ):
     """Write a run's static HTML gallery: thumbnails by tenant and region, captions, answers, verdicts, counts."""
     from factory.io.storage import join
-    from factory.jobs.gallery import write_gallery
+    from factory.jobs.report.gallery import write_gallery
 
     _configure_logging()
     destination = out or join(output, "report.html")
@@ -239,7 +239,8 @@ def serve_api(
     """Serve the online API (HTTP and gRPC) in front of the model replicas until Ctrl-C."""
     import time
 
-    from factory.jobs.cluster import connect, wait_until_ready
+    from factory.jobs.cluster import connect
+    from factory.jobs.cluster.serve_app import wait_until_ready
     from factory.routing.app import deploy_serving, load_serving
 
     _configure_logging()

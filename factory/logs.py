@@ -311,16 +311,36 @@ def line_level(line: str) -> tuple[int, bool] | None:
     return None
 
 
+# What Serve and Ray report, at ERROR and with a traceback, while they recover by themselves from a lost node, replica
+# or proxy: Serve replaces the replicas and proxies it held, Ray rebuilds the objects it lost. Expected, so they go
+# to the log file, not the console. A recovery that fails shows up as the run's own one-line error (rows failed
+# after their retries, replicas not ready in time), and a lost node as one line of the run (factory.jobs.cluster).
+EXPECTED_RECOVERIES = (
+    "Unexpected error invoking health check for proxy", "Unexpected error invoking drain-check for proxy",
+    "Exception when trying to gracefully shutdown replica", "are UNHEALTHY",
+    "lost objects by resubmitting their tasks",
+)
+_recoveries = logging.getLogger("factory.recoveries")
+
+
+def _recovery(line: str) -> bool:
+    return any(fragment in line for fragment in EXPECTED_RECOVERIES)
+
+
 class LevelFilteredPrinter:
     """Wraps Ray's printer of forwarded worker output (log_to_driver) with the driver console's policy:
     factory's records from `level` up, Ray's/Serve's/Ray Data's from `library_level` up (plus the warnings
     that explain a stalled run). What it drops stays in the worker log files Ray writes anyway. Lines without
-    a level (prints, tracebacks) are printed as before; an indented one continues the record above it."""
+    a level (prints, tracebacks) are printed as before; an indented one continues the record above it.
+
+    A library's record of an expected recovery (EXPECTED_RECOVERIES) goes to the log file instead, with every
+    line after it up to the next record (its traceback), in this batch of lines or the process's next."""
 
     def __init__(self, printer, level: int, library_level: int):
         self.printer = printer
         self.level = level
         self.library_level = library_level
+        self.recovering: dict = {}  # pid -> whether its last record was an expected recovery
 
     def keep(self, line: str, level: int, own: bool) -> bool:
         if own:
@@ -331,15 +351,26 @@ class LevelFilteredPrinter:
         if data.get("pid") == "autoscaler":  # Ray filters those events itself
             self.printer(data)
             return
-        kept, dropping = [], False
+        pid = data.get("pid")
+        kept, recovered, dropping = [], [], False
+        recovering = self.recovering.get(pid, False)
         for line in data.get("lines", []):
             declared = line_level(line)
             if declared is not None:
+                recovering = not declared[1] and _recovery(line)
                 dropping = not self.keep(line, *declared)
+            elif not recovering and _recovery(line):
+                recovering = True
             elif not line[:1].isspace():
                 dropping = False
-            if not dropping:
+            if recovering:
+                recovered.append(line)
+            elif not dropping:
                 kept.append(line)
+        self.recovering[pid] = recovering
+        if recovered:
+            _recoveries.info("%s (pid %s) recovering:\n%s", data.get("actor_name") or data.get("task_name") or "a Ray "
+                             "worker", pid, "\n".join(recovered))
         if kept:
             self.printer({**data, "lines": kept})
 

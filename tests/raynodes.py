@@ -76,3 +76,95 @@ def stop_cluster(temp_dir: str) -> None:
             process.kill()
         except psutil.Error:
             pass
+
+
+# A Ray cluster of several nodes on this machine (ray.cluster_utils.Cluster), run in a process of its own so that
+# its Ray state (and Cluster's clean-up, which resets the caller's Ray client) never touches the test's. Each node
+# has a loopback address of its own: a driver started on this machine attaches to the head (127.0.0.1), and the
+# test can tell the nodes apart. The nodes inherit the environment, token auth included.
+_CLUSTER = """
+import json, os, sys
+from ray.cluster_utils import Cluster
+
+spec = json.loads(sys.argv[1])
+# Cluster records its head in Ray's "current cluster" file, which a later ray.init() with no address would join:
+# put back what was there.
+from ray._common.utils import get_ray_address_file
+recorded = get_ray_address_file(None)
+before = open(recorded).read() if os.path.exists(recorded) else None
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": spec["head_cpus"], "include_dashboard": False,
+                                                          "node_ip_address": "127.0.0.1"})
+if before is None:
+    os.remove(recorded)
+else:
+    open(recorded, "w").write(before)
+workers = {}
+for index in range(spec["workers"]):
+    node = cluster.add_node(num_cpus=spec["worker_cpus"], node_ip_address=f"127.0.0.{index + 2}")
+    workers[node.node_id] = node
+cluster.wait_for_nodes()
+print(json.dumps({"address": cluster.address, "workers": list(workers)}), flush=True)
+for line in sys.stdin:
+    command, _, argument = line.strip().partition(" ")
+    if command == "actors":  # the node of every live actor of a class
+        table = cluster.global_state.actor_table(None)
+        nodes = [info["Address"]["NodeID"] for info in table.values()
+                 if info.get("ActorClassName") == argument and info.get("State") == "ALIVE"]
+        print(json.dumps({"nodes": nodes}), flush=True)
+    elif command == "remove":
+        cluster.remove_node(workers.pop(argument), allow_graceful=False)
+        print(json.dumps({"removed": argument}), flush=True)
+for node in workers.values():
+    cluster.remove_node(node, allow_graceful=False)
+cluster.remove_node(cluster.head_node, allow_graceful=False)
+"""
+
+
+class LocalCluster:
+    """A head with `head_cpus` CPUs and `workers` worker nodes of `worker_cpus` each, until `close()`."""
+
+    def __init__(self, workers: int = 2, head_cpus: int = 0, worker_cpus: int = 1, timeout: float = 180):
+        import json
+        import threading
+
+        spec = json.dumps({"workers": workers, "head_cpus": head_cpus, "worker_cpus": worker_cpus})
+        self.process = subprocess.Popen([sys.executable, "-c", _CLUSTER, spec], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        timer = threading.Timer(timeout, self.process.kill)
+        timer.start()
+        try:
+            started = self._answer()
+        finally:
+            timer.cancel()
+        self.address: str = started["address"]
+        self.workers: list[str] = started["workers"]
+
+    def _answer(self) -> dict:
+        import json
+
+        line = self.process.stdout.readline()
+        assert line, f"the cluster process ended (status {self.process.poll()})"
+        return json.loads(line)
+
+    def _ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def actor_nodes(self, class_name: str) -> list[str]:
+        """The node ids of the live actors of `class_name` (e.g. `ServeReplica:<app>:<deployment>`)."""
+        return self._ask(f"actors {class_name}")["nodes"]
+
+    def remove_worker(self, node_id: str) -> None:
+        """Kill every process of a worker node at once, as a lost machine would."""
+        self._ask(f"remove {node_id}")
+        self.workers.remove(node_id)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)

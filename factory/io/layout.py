@@ -12,6 +12,8 @@
     _chunks/dedup.json                            which chunks hold duplicate ids (written once dedup is complete)
     _chunks/<chunk>/...                           staged requests, duplicates, and the chunk's markers
     summary.json, _SUCCESS                        written when the run finishes (validation.json for `validate`)
+    quality.json                                  runs with `quality:`: scores in all and per group, with intervals
+    _inputs/<format>-<digest>.jsonl               public benchmark files (COCO, VQAv2, TextCaps) as manifest rows
     dataset/<name>.<ext>, dataset/<name>.txt      archive runs with sidecars: a passed image and its caption
     _chunks/plan/                                 archive runs: the chunks planned as the sources were listed
     _dedup/<sha[:2]>/<sha256>                     archive runs: which row captions each distinct image
@@ -94,6 +96,14 @@ class OutputLayout:
     @property
     def success(self) -> str:
         return join(self.root, "_SUCCESS")
+
+    @property
+    def quality(self) -> str:
+        return join(self.root, "quality.json")
+
+    def staged_input(self, name: str) -> str:
+        """A manifest the run wrote itself from inputs in another layout (a public benchmark's files)."""
+        return join(self.root, "_inputs", name)
 
     # ---- archive runs (factory caption) ----
 

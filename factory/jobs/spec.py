@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import string
 import types
 import typing
 from collections.abc import Iterable
@@ -19,16 +20,17 @@ from typing import Annotated, Any
 import structlog
 import yaml
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+    AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from factory.errors import ConfigError, Loc, one_line, validation_problems
 from factory.io.roots import normalise_root
-from factory.jobs.catalog import CatalogSpec
+from factory.io.storage import join
 from factory.model.performance import Performance
 from factory.model.profiles import get_profile, with_revisions
 from factory.model.revisions import hub_revisions, pin_revisions
+from factory.routing.parser import GenerationDefaults
 from factory.routing.requests import MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE
 from factory.safety.policy import SafetyPolicy
 
@@ -207,6 +209,104 @@ class ArchiveSpec(_Section):
     )
 
 
+# ---- the catalog section (expanded by factory.jobs.sources.manifests.catalog) -------------------------------
+
+_CHECK_NAME = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class _CatalogSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Size(_CatalogSection):
+    width: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
+    height: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template uses; refuses anything but plain names (attribute or index access, formats)."""
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"template field {{{name}}} must be a plain name (letters, digits, '_')")
+        if spec or conversion:
+            raise ValueError(f"template field {{{name}}} takes no format spec or conversion")
+        names.append(name)
+    return names
+
+
+class RegionSpec(_CatalogSection):
+    template: str | None = Field(default=None, description="Prompt template (default: the catalog's template)")
+    locale: str = Field(default="", max_length=32, description="Locale tag, available to templates as {locale}")
+    style: str = Field(default="", max_length=500, description="Style words, available as {style}")
+    fields: dict[str, str] = Field(default_factory=dict, description="Region wording, available by name")
+    sizes: list[Size] | None = Field(default=None, min_length=1, description="Sizes (default: the catalog's)")
+
+    @field_validator("template")
+    @classmethod
+    def _plain_fields(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value)
+        return value
+
+
+class CheckSpec(_CatalogSection):
+    """A question about, or a caption of, every generated image, asked of the VLM in the same replica call."""
+
+    name: str = Field(pattern=_CHECK_NAME, description="Key of the answer in the result's `checks` column")
+    question: str | None = Field(default=None, min_length=1, max_length=500)
+    caption: bool = Field(default=False, description="Caption the image instead of asking a question")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CheckSpec:
+        if (self.question is None) == (not self.caption):
+            raise ValueError("a check has either a question or caption: true")
+        return self
+
+
+class CatalogSpec(_CatalogSection):
+    products: list[str] = Field(min_length=1, description="Product files (JSONL, CSV, Parquet; local or s3://)")
+    regions: dict[str, RegionSpec] = Field(min_length=1, description="Target regions by name")
+    template: str = Field(
+        default="{name}, {style}", description="Prompt template for regions without their own"
+    )
+    sizes: list[Size] = Field(default_factory=list, description="Sizes (default: the job's width and height)")
+    variants: int = Field(default=1, ge=1, le=16, description="Images per sku, region and size (seeds differ)")
+    regions_field: str = Field(
+        default="regions", description="Product field listing the regions a product is sold in (a list or a "
+        "comma-separated string); a product without it goes to every region"
+    )
+    checks: list[CheckSpec] = Field(default_factory=list, description="Questions or captions per generated image")
+
+    @field_validator("template")
+    @classmethod
+    def _plain_fields(cls, value: str) -> str:
+        template_fields(value)
+        return value
+
+    @field_validator("regions")
+    @classmethod
+    def _region_names(cls, value: dict[str, RegionSpec]) -> dict[str, RegionSpec]:
+        for name in value:
+            if not name or len(name) > 64 or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"region name {name!r} must be letters, digits, '-' or '_' (at most 64)")
+        return value
+
+    @field_validator("checks")
+    @classmethod
+    def _unique_checks(cls, value: list[CheckSpec]) -> list[CheckSpec]:
+        names = [check.name for check in value]
+        if len(names) != len(set(names)):
+            raise ValueError("check names must be unique")
+        return value
+
+    def rows_per_product(self) -> int:
+        """The most rows one product can expand into (for progress totals and shard counts)."""
+        return sum(len(region.sizes or self.sizes or [None]) for region in self.regions.values()) * self.variants
+
+
 class JobSpec(_Section):
     """One batch job: manifests in, images / captions / answers and a rejects table out."""
 
@@ -216,7 +316,7 @@ class JobSpec(_Section):
     )
     catalog: CatalogSpec | None = Field(
         default=None, description="A product catalog expanded into generation rows per region, size and variant "
-        "(see factory.jobs.catalog); with or without manifest inputs",
+        "(see factory.jobs.sources.manifests.catalog); with or without manifest inputs",
     )
     inputs: list[Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)]] | None = Field(
         default=None, validate_default=True,
@@ -384,6 +484,22 @@ def _resolve_location(uri: str, base: str) -> str:
         raise ValueError(f"must be a local path or an s3:// URI, got {uri!r}")
     path = os.path.expanduser(uri)
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+
+
+def output_root(spec: JobSpec, run_id: str) -> str:
+    """Where a run of the job writes: OUTPUT/<run id>."""
+    return join(spec.output, run_id)
+
+
+def generation_defaults(spec: JobSpec) -> GenerationDefaults:
+    """What a generation row that leaves a value out gets: the job's `defaults`, else its profile's."""
+    profile = get_profile(spec.profile).generator
+    given = spec.defaults
+    return GenerationDefaults(
+        steps=given.steps or profile.steps, width=given.width or profile.width,
+        height=given.height or profile.height,
+        guidance=given.guidance if given.guidance is not None else profile.guidance,
+    )
 
 
 def resolved_num_gpus(spec: JobSpec) -> float:

@@ -14,12 +14,41 @@ from pathlib import Path
 import structlog
 from PIL import Image
 
-from factory.errors import ModelError
-from factory.model.profiles import TINY_SOURCE, ClipProfile, resolve_device, resolve_dtype
-from factory.model.tiny import ensure_tiny
+from factory.errors import ConfigError, ModelError
+from factory.model.profiles import TINY_SOURCE, ClipProfile, Profile, resolve_device, resolve_dtype
+from factory.model.revisions import is_hub_source, resolve_commit
+from factory.model.tiny import BUILDER_VERSION, ensure_tiny
 from factory.paths import factory_home
 
 log = structlog.get_logger(__name__)
+
+
+def scoring_model(profile: Profile) -> ClipProfile:
+    """The CLIP model `profile` scores with; a profile that names none cannot score (one line)."""
+    if profile.quality is None:
+        raise ConfigError(f"quality.clip_score: profile {profile.name!r} names no CLIP model to score with "
+                          "(its quality.clip); turn clip_score off or use a profile that has one")
+    return profile.quality.clip
+
+
+def pin_clip(clip: ClipProfile, revision: str | None = None) -> ClipProfile:
+    """`clip` at `revision` (the commit a job pinned), else, for a hub model, at the commit its revision points at
+    now: every replica of a job scores with the same weights, as it generates with the same."""
+    if revision is not None:
+        return clip.model_copy(update={"revision": revision})
+    if is_hub_source(clip.source) and not clip.pinned:
+        return clip.model_copy(update={"revision": resolve_commit(clip.source, clip.revision)})
+    return clip
+
+
+def clip_version(clip: ClipProfile) -> str:
+    """What scored, as `quality.json` records it: `org/name@<commit>` for a (pinned) hub model, the builder's
+    version for the tiny one, a local folder's path."""
+    if clip.source == TINY_SOURCE:
+        return f"tiny-v{BUILDER_VERSION}"
+    if is_hub_source(clip.source) or clip.revision:
+        return f"{clip.source}@{clip.revision or 'main'}"
+    return clip.source
 
 
 def load_options(profile: ClipProfile) -> dict:

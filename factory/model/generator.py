@@ -85,11 +85,14 @@ def fit_size(width: int, height: int, pixels: int, multiple: int = SIDE_MULTIPLE
     """The size closest to `width`:`height`'s aspect ratio with at most `pixels` pixels (when that allows a side of
     `multiple` at all), both sides multiples of `multiple` and at most `max_side`."""
     aspect = width / height
+    wide, tall = math.sqrt(pixels * aspect), math.sqrt(pixels / aspect)
+    if max(wide, tall) > max_side:  # the longer side capped, the shorter follows it, so the aspect holds
+        wide, tall = (max_side, max_side / aspect) if wide >= tall else (max_side * aspect, max_side)
 
     def side(value: float) -> int:
         return min(max_side, max(multiple, round(value / multiple) * multiple))
 
-    fitted = (side(math.sqrt(pixels * aspect)), side(math.sqrt(pixels / aspect)))
+    fitted = (side(wide), side(tall))
     while fitted[0] * fitted[1] > pixels and max(fitted) > multiple:
         # Shrink whichever side keeps the aspect ratio closest to the original.
         smaller = [(w, h) for w, h in ((fitted[0] - multiple, fitted[1]), (fitted[0], fitted[1] - multiple))

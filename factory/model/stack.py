@@ -1,4 +1,5 @@
-"""The multi-task stack: one object per process holding the generator and the VLM of one profile."""
+"""The multi-task stack: one object per process holding the generator and the VLM of one profile, and, when its
+results are to be scored, the profile's CLIP model beside them (loaded once, like the others)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import structlog
 from PIL import Image
 
 from factory.errors import ModelError
+from factory.model.clip import ClipScorer, pin_clip, scoring_model
 from factory.model.generator import EditParams, FluxGenerator, GenerationParams
 from factory.logs import quiet_library_noise
 from factory.model.profiles import TINY_FLUX2_SOURCE, TINY_SOURCE, Profile, get_profile
@@ -28,12 +30,17 @@ class ModelStack:
     vlm: VisionLanguageModel
     model_version: str
     load_seconds: float = field(default=0.0)
+    clip: ClipScorer | None = field(default=None)  # None: this stack's images are not scored
 
     @classmethod
-    def from_profile(cls, profile: Profile | str, home: Path | None = None) -> ModelStack:
+    def from_profile(cls, profile: Profile | str, home: Path | None = None, *, clip_score: bool = False,
+                     clip_revision: str | None = None) -> ModelStack:
+        """The profile's models; with `clip_score`, its CLIP model too (at `clip_revision`, the job's commit)."""
         profile = get_profile(profile) if isinstance(profile, str) else profile
         quiet_library_noise()
         started = time.perf_counter()
+        # Before any weights load: a profile that cannot score fails at once, not after minutes of loading.
+        clip_model = pin_clip(scoring_model(profile), clip_revision) if clip_score else None
         # A replica normally gets its job's commits (nothing to resolve); alone (the CLI's single row) it resolves
         # them itself, so what loads and what results record is always one commit.
         profile = pin_revisions(profile)
@@ -44,9 +51,10 @@ class ModelStack:
             vlm = VisionLanguageModel.from_pretrained(vlm_source, profile.vlm)
         except (OSError, ValueError) as error:
             raise ModelError(f"profile {profile.name}: cannot load models: {error}") from error
+        clip = ClipScorer.from_profile(clip_model, home) if clip_model is not None else None
         seconds = time.perf_counter() - started
-        log.info("stack loaded", profile=profile.name, seconds=round(seconds, 2))
-        return cls(profile, generator, vlm, version, seconds)
+        log.info("stack loaded", profile=profile.name, seconds=round(seconds, 2), clip=clip is not None)
+        return cls(profile, generator, vlm, version, seconds, clip)
 
     def generate(self, params: list[GenerationParams]) -> list[Image.Image]:
         return self.generator.generate(params)
@@ -59,6 +67,11 @@ class ModelStack:
 
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
         return self.vlm.answer(images, questions)
+
+    def clip_score(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+        if self.clip is None:
+            raise ModelError("this stack was loaded without a CLIP model (quality.clip_score off)")
+        return self.clip.score(images, prompts)
 
 
 def resolve_sources(profile: Profile, home: Path | None = None) -> tuple[str, str, str]:

@@ -206,7 +206,9 @@ def build_flux2(path: Path, seed: int = DEFAULT_SEED) -> None:
     FLUX.2 VAE with the real 8x downsampling and 2x2 patching, and a step-distilled transformer without guidance
     embedding, as klein 4B's. Its widths differ from tiny's FLUX.1, so a FLUX.1 adapter fits none of its layers."""
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = _qwen_tokenizer()

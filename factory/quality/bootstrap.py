@@ -72,6 +72,12 @@ def _summed_bleu4(matrix: np.ndarray) -> float:
     return bleu(summed)[MAX_N - 1]
 
 
+def bleu4_interval(counts: Sequence[BleuCounts], **options) -> Interval:
+    """Corpus BLEU-4 of the rows with its interval: each resample sums the drawn rows' counts."""
+    matrix = _counts_matrix(counts)
+    return bootstrap(len(counts), lambda rows: _summed_bleu4(matrix[rows]), **options)
+
+
 def paired_bleu4_interval(new: Sequence[BleuCounts], old: Sequence[BleuCounts], **options) -> Interval:
     """Corpus BLEU-4 of new minus that of old over the same rows (aligned by position): BLEU is not a mean of
     rows, so each resample sums the drawn rows' counts, as corpus BLEU does."""

@@ -1,12 +1,14 @@
 """The online door: a FastAPI ingress deployment in the same Serve application as `StackReplica`, answering HTTP
-(`/v1/tasks`, `/v1/generate`, `/v1/caption`, `/v1/answer`, `/healthz`, `/readyz`, `/openapi.json`, `/docs`) and,
-through Serve's gRPC proxy, the `factory.v1.Factory` service (proto/factory_api.proto) with the same methods.
+(`/v1/tasks`, `/v1/generate`, `/v1/caption`, `/v1/answer`, `/v1/edit`, `/healthz`, `/readyz`, `/openapi.json`,
+`/docs`) and, through Serve's gRPC proxy, the `factory.v1.Factory` service (proto/factory_api.proto) with the same
+methods.
 
 A request goes: API key -> tenant (401) and a declared body size (413), from the headers alone before any body
 byte is read (factory.routing.gate; only /healthz and /readyz answer without a key) -> the body, counted as it
 is read (413 at the limit) -> body shape (422) -> the tenant's in-flight bound (429) -> replicas ready (503) ->
-the task parser and the tenants registry, as for a manifest row (400, 403, 404) -> input image
-read and its header checked (413) -> `StackReplica` through a handle, multiplexed on the adapter -> the replica's
+the task parser and the tenants registry, as for a manifest row, and whether the profile can run the task (400,
+403, 404) -> input image (an edit's: every reference) read and its header checked (403 outside the tenant's
+roots, 413) -> `StackReplica` through a handle, multiplexed on the adapter -> the replica's
 `TaskResult` (safety already applied there: a blocked result has no image) -> JSON or protobuf. Every error is
 one JSON body `{status, code, message, field}`, never a traceback; over gRPC it is the details of a gRPC status.
 """
@@ -32,12 +34,15 @@ from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from factory.errors import InputError, StorageUnavailable, one_line, validation_problems
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
+from factory.model.generator import fit_size
+from factory.model.profiles import get_profile
 from factory.routing.api_models import (
-    BODY_TASK, AnswerBody, ApiError, ApiSettings, CaptionBody, ErrorBody, GenerateBody, HealthBody, TaskBody,
-    TaskResponse, _Body, body_fields, response_of,
+    BODY_TASK, AnswerBody, ApiError, ApiSettings, CaptionBody, EditBody, ErrorBody, GenerateBody, HealthBody,
+    TaskBody, TaskResponse, _Body, body_fields, response_of,
 )
 from factory.routing.auth import Keyring, presented_key
 from factory.routing.batch import ReplicaCall, adapter_key
+from factory.routing.capabilities import check_capabilities
 from factory.routing.gate import TENANT_STATE, RequestGate, body_too_large, error_response
 from factory.routing.parser import GenerationDefaults, RequestError, parse_request, with_adapter
 from factory.routing.requests import Status, Task, TaskRequest, TaskResult
@@ -75,9 +80,9 @@ def problems_error(error: ValidationError | RequestValidationError, status: int 
 api = FastAPI(
     title="factory",
     version="1",
-    description="The factory's online API: generate images, caption images and answer questions about them, with "
-    "the same replicas, tenants, adapters and safety policy as batch jobs. Authenticate with "
-    "`Authorization: Bearer <key>` (or `X-API-Key`). Errors are `{status, code, message, field}`.",
+    description="The factory's online API: generate images, edit them from reference images, caption images and "
+    "answer questions about them, with the same replicas, tenants, adapters and safety policy as batch jobs. "
+    "Authenticate with `Authorization: Bearer <key>` (or `X-API-Key`). Errors are `{status, code, message, field}`.",
 )
 
 
@@ -158,8 +163,9 @@ def _b64decode(text: str, max_bytes: int) -> bytes:
         raise ApiError(400, "invalid_request", "image_base64: not valid base64", "image_base64") from None
 
 
-def check_image_header(data: bytes, field: str, max_pixels: int) -> None:
-    """A readable image of an accepted format within the pixel cap, judged from its header (no pixels decoded)."""
+def check_image_header(data: bytes, field: str, max_pixels: int) -> tuple[int, int]:
+    """A readable image of an accepted format within the pixel cap, judged from its header (no pixels decoded); its
+    width and height."""
     from PIL import Image, UnidentifiedImageError
 
     from factory.io.images import IMAGE_FORMATS
@@ -177,6 +183,7 @@ def check_image_header(data: bytes, field: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ApiError(413, "too_large", f"{field}: {width}x{height} pixels, this server takes at most {max_pixels}",
                        field)
+    return width, height
 
 
 def _set_grpc_error(grpc_context, error: ApiError) -> None:
@@ -202,6 +209,7 @@ class ApiIngress:
         self.replica = replica  # DeploymentHandle of StackReplica
         self.settings = ApiSettings.model_validate(config["api"])
         self.defaults = GenerationDefaults.model_validate(config["defaults"])
+        self.profile = get_profile(config["profile"])
         tenants = config.get("tenants")
         self.registry = (TenantRegistry.from_dict(tenants, config.get("tenants_dir") or ".", "tenants")
                          if tenants is not None else None)
@@ -252,6 +260,13 @@ class ApiIngress:
         """An answer to a question about an image."""
         return await self.run(tenant, body)
 
+    @api.post("/v1/edit", response_model=TaskResponse, response_model_exclude_none=True, tags=["tasks"],
+              responses=_ERRORS)
+    async def edit(self, body: EditBody, tenant: str = Depends(authenticated_tenant)) -> TaskResponse:
+        """An image from one reference (`image_base64` or `image_uri`) or several (`images`, on profiles that take
+        them) and an instruction, with the tenant's adapter; each reference is checked as an input image."""
+        return await self.run(tenant, body)
+
     # ---- gRPC (Serve's gRPC proxy calls the method named like the RPC) -----------------------------------
 
     async def Task(self, message, grpc_context=None):  # noqa: N802 - the RPC's name
@@ -265,6 +280,9 @@ class ApiIngress:
 
     async def Answer(self, message, grpc_context=None):  # noqa: N802
         return await self._grpc(AnswerBody, message, grpc_context)
+
+    async def Edit(self, message, grpc_context=None):  # noqa: N802
+        return await self._grpc(EditBody, message, grpc_context)
 
     async def Ready(self, message, grpc_context=None):  # noqa: N802
         """Needs a key like every method of the service; keyless health is Serve's RayServeAPIService/Healthz."""
@@ -289,7 +307,7 @@ class ApiIngress:
 
         try:
             tenant = self.grpc_tenant(grpc_context)
-            fields, raw_image = body_from_message(message)
+            fields, raw_image, raw_references = body_from_message(message)
             if raw_image is not None and body_type in (GenerateBody,):
                 raise ApiError(422, "invalid_request", "image: unknown field", "image")
             if raw_image is not None and fields.get("image_uri") is not None:
@@ -298,7 +316,7 @@ class ApiIngress:
                 body = body_type.model_validate(fields)
             except ValidationError as error:
                 raise problems_error(error) from None
-            return await self.run(tenant, body, raw_image=raw_image, grpc=True)
+            return await self.run(tenant, body, raw_image=raw_image, raw_references=raw_references, grpc=True)
         except ApiError as error:
             if grpc_context is not None:
                 _set_grpc_error(grpc_context, error)
@@ -348,7 +366,9 @@ class ApiIngress:
         self.ready = True
         return True, "ready"
 
-    async def run(self, tenant: str, body: _Body, raw_image: bytes | None = None, grpc: bool = False):
+    async def run(self, tenant: str, body: _Body, raw_image: bytes | None = None,
+                  raw_references: list[bytes | None] | None = None, grpc: bool = False):
+        """`raw_image` and `raw_references` (aligned with `body.images`): image bytes a gRPC message carried."""
         limit = self.settings.in_flight_limit(tenant)
         if self.in_flight.get(tenant, 0) >= limit:
             raise ApiError(429, "too_many_requests", f"tenant {tenant!r} already has {limit} requests in flight",
@@ -363,8 +383,12 @@ class ApiIngress:
                 if not ready:
                     raise ApiError(503, "not_ready", message, headers={"Retry-After": str(self.settings.retry_after_s)})
             request = self.request_of(tenant, body, raw_image)
-            image = await self.input_image(request, body, raw_image)
-            result = await self.call(request, image)
+            if request.task is Task.EDIT:
+                references = await self.reference_images(request, body, raw_image, raw_references)
+                request = self.sized_edit(request, references[0])
+                result = await self.call(request, references=[data for data, _ in references])
+            else:
+                result = await self.call(request, await self.input_image(request, body, raw_image))
             return await self.respond(result, body.output, grpc)
         finally:
             self.in_flight[tenant] -= 1
@@ -391,10 +415,14 @@ class ApiIngress:
             row["image"] = "upload"
         elif image_uri is not None:
             row["image"] = image_uri
+        references = getattr(body, "images", None)
+        if references is not None:  # an uploaded reference is named by its place, as its errors are
+            row["images"] = [ref.image_uri or f"upload:{index}" for index, ref in enumerate(references)]
         try:
             request = parse_request(row, self.defaults)
-            if request.task is Task.GENERATE:
+            if request.task in (Task.GENERATE, Task.EDIT):
                 self.check_limits(request)
+            check_capabilities(request, self.profile)  # before any input is read or a replica called
             request = with_adapter(request, self.registry)
         except RequestError as error:
             if error.field == "adapter":
@@ -416,42 +444,79 @@ class ApiIngress:
     async def input_image(self, request: TaskRequest, body: _Body, raw_image: bytes | None) -> bytes | None:
         if request.image is None:
             return None
+        data, _ = await self.read_input(request.tenant, raw_image, getattr(body, "image_base64", None),
+                                        getattr(body, "image_uri", None))
+        return data
+
+    async def reference_images(self, request: TaskRequest, body: _Body, raw_image: bytes | None,
+                               raw_references: list[bytes | None] | None) -> list[tuple[bytes, tuple[int, int]]]:
+        """An edit's references, each read and checked as an input image is (bytes, then its header's size); an
+        error names the reference (`images[i]` among several)."""
+        references = getattr(body, "images", None)
+        if references is None:  # one reference, in the body's image fields
+            return [await self.read_input(request.tenant, raw_image, getattr(body, "image_base64", None),
+                                          getattr(body, "image_uri", None))]
+        read = []
+        for index, reference in enumerate(references):
+            raw = raw_references[index] if raw_references else None
+            read.append(await self.read_input(request.tenant, raw, reference.image_base64, reference.image_uri,
+                                              field=f"images[{index}]"))
+        return read
+
+    async def read_input(self, tenant: str, raw: bytes | None, image_base64: str | None, image_uri: str | None,
+                         field: str | None = None) -> tuple[bytes, tuple[int, int]]:
+        """One input image from gRPC bytes, base64 or an s3:// URI, within the size and pixel caps; its bytes and
+        size. `field` names it in errors (default: the body field it came from)."""
         limits = self.settings.limits
-        if raw_image is not None:
-            data, field = raw_image, "image"
-        elif getattr(body, "image_base64", None) is not None:
-            data, field = _b64decode(body.image_base64, limits.max_image_bytes), "image_base64"  # type: ignore[union-attr]
-        else:
-            data, field = await self.read_uri(request.image, request.tenant), "image_uri"
+        if raw is not None:
+            data, field = raw, field or "image"
+        elif image_base64 is not None:
+            data, field = _b64decode(image_base64, limits.max_image_bytes), field or "image_base64"
+        elif image_uri is not None:
+            field = field or "image_uri"
+            data = await self.read_uri(image_uri, tenant, field)
+        else:  # a reference of `images` with neither
+            field = field or "image"
+            raise ApiError(400, "invalid_request", f"{field}: give image_base64 or image_uri (over gRPC: image or "
+                           "image_uri)", field)
         if len(data) > limits.max_image_bytes:
             raise ApiError(413, "too_large", f"{field}: {len(data)} bytes, this server takes at most "
                            f"{limits.max_image_bytes}", field)
-        check_image_header(data, field, limits.max_image_pixels)
-        return data
+        return data, check_image_header(data, field, limits.max_image_pixels)
 
-    async def read_uri(self, uri: str, tenant: str) -> bytes:
+    def sized_edit(self, request: TaskRequest, first: tuple[bytes, tuple[int, int]]) -> TaskRequest:
+        """An edit without a size gets the first reference's aspect ratio within the server's default size's pixels
+        and its `max_side`, decided here, where the limits are known, rather than by the generator."""
+        if request.width is not None and request.height is not None:
+            return request
+        width, height = fit_size(*first[1], self.defaults.width * self.defaults.height,
+                                 max_side=self.settings.limits.max_side)
+        return request.model_copy(update={"width": width, "height": height})
+
+    async def read_uri(self, uri: str, tenant: str, field: str = "image_uri") -> bytes:
         """The object at an s3:// `uri` that lies under `tenant`'s input roots (403 otherwise, before any read)."""
         if not uri.startswith("s3://"):
-            raise ApiError(400, "invalid_request", "image_uri: must be an s3:// URI", "image_uri")
+            raise ApiError(400, "invalid_request", f"{field}: must be an s3:// URI", field)
         registry_roots = self.registry.input_roots(tenant) if self.registry is not None else None
         try:
             uri = self.settings.input_roots(tenant, registry_roots).check(uri)
         except InputError as error:
-            raise ApiError(403, "forbidden", f"image_uri: {error}", "image_uri") from None
+            raise ApiError(403, "forbidden", f"{field}: {error}", field) from None
         max_bytes = self.settings.limits.max_image_bytes
         try:
             size, _ = await asyncio.to_thread(self.storage.stat, uri)
             if size > max_bytes:
-                raise ApiError(413, "too_large", f"image_uri: {size} bytes, this server takes at most {max_bytes}",
-                               "image_uri")
+                raise ApiError(413, "too_large", f"{field}: {size} bytes, this server takes at most {max_bytes}",
+                               field)
             return await asyncio.to_thread(self.storage.read_bytes, uri, max_bytes)
         except StorageUnavailable as error:
-            raise ApiError(503, "storage_unavailable", str(error), "image_uri",
+            raise ApiError(503, "storage_unavailable", str(error), field,
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None
         except InputError as error:
-            raise ApiError(400, "invalid_request", f"image_uri: {error}", "image_uri") from None
+            raise ApiError(400, "invalid_request", f"{field}: {error}", field) from None
 
-    async def call(self, request: TaskRequest, image: bytes | None) -> TaskResult:
+    async def call(self, request: TaskRequest, image: bytes | None = None,
+                   references: list[bytes] | None = None) -> TaskResult:
         """One call to the replicas, multiplexed on the adapter; a fault is a clear 5xx, never a hang."""
         from ray import exceptions as ray_errors
         from ray.serve import exceptions as serve_errors
@@ -461,7 +526,7 @@ class ApiIngress:
         handle = self.handles.get(key)
         if handle is None:  # one handle per adapter, made once (options() builds a new handle object)
             handle = self.handles[key] = self.replica.options(multiplexed_model_id=key)
-        response = handle.remote(ReplicaCall(request=request, image_bytes=image))
+        response = handle.remote(ReplicaCall(request=request, image_bytes=image, reference_bytes=references))
         try:
             return await asyncio.wait_for(_awaitable(response), self.settings.request_timeout_s)
         except asyncio.TimeoutError:
@@ -486,9 +551,9 @@ class ApiIngress:
         if result.status is Status.REJECTED:
             message = result.error or "rejected"
             field = message.split(":", 1)[0] if ":" in message else None
-            if field == "image":
+            if field is not None and (field == "image" or field.startswith("images[")):
                 status = 413 if "too large" in message else 400
-                raise ApiError(status, "too_large" if status == 413 else "invalid_image", message, "image")
+                raise ApiError(status, "too_large" if status == 413 else "invalid_image", message, field)
             # An adapter the registry names but the replica cannot use: the server's configuration, not the caller.
             raise ApiError(500, "adapter_unusable", message, "adapter")
         if result.status is Status.FAILED:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from factory.io.roots import InputRoots, normalise_root
 from factory.routing.auth import ApiKey
 from factory.routing.requests import (
-    _CONTROL_CHARACTER, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE, NAME_PATTERN, TaskResult,
+    _CONTROL_CHARACTER, MAX_PROMPT_CHARS, MAX_REFERENCES, MAX_SIDE, MAX_STEPS, MIN_SIDE, NAME_PATTERN, TaskResult,
 )
 
 _NAME = f"^{NAME_PATTERN.pattern}$"
@@ -49,7 +49,7 @@ class _Body(BaseModel):
         return value
 
 
-class _ImageInput(_Body):
+class _ImageSource(BaseModel):
     image_base64: str | None = Field(
         default=None, min_length=1, description="Input image bytes, base64 (PNG, JPEG, WebP, GIF, BMP or TIFF)"
     )
@@ -67,10 +67,29 @@ class _ImageInput(_Body):
         return value
 
     @model_validator(mode="after")
-    def _one_image(self) -> _ImageInput:
+    def _one_image(self) -> _ImageSource:
         if self.image_base64 is not None and self.image_uri is not None:
             raise ValueError("image_base64 and image_uri: give one, not both")
         return self
+
+
+class _ImageInput(_Body, _ImageSource):
+    """A body with one input image."""
+
+
+class ReferenceImage(_ImageSource):
+    """One reference image of an edit: base64 bytes or an s3:// URI (over gRPC: `image` bytes or `image_uri`)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class _References(BaseModel):
+    images: list[ReferenceImage] | None = Field(
+        default=None, min_length=1, max_length=MAX_REFERENCES,
+        description="Edits only: several reference images, in order (the first sets the output's aspect ratio), "
+        "for profiles that take several; one reference goes in image_base64 or image_uri. Every base64 reference "
+        "counts towards the server's body limit",
+    )
 
 
 class _Generation(BaseModel):
@@ -104,19 +123,29 @@ class AnswerBody(_ImageInput):
     question: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
 
 
-class TaskBody(_ImageInput, _Generation):
-    """POST /v1/tasks: any task, decided by the task parser: an explicit `task` wins; else a prompt starting
-    with "Question:" is answered and one starting with "Describe:" is a caption (both need an image); anything
-    else is generated."""
+class EditBody(_ImageInput, _References, _Generation):
+    """POST /v1/edit: an image from reference images and an instruction (the product stays, the scene changes).
+    Without width and height the output keeps the first reference's aspect ratio within the server's default
+    size's pixels."""
 
-    task: str | None = Field(default=None, max_length=32, description="generate | caption | vqa (also t2i, describe, ask, ...)")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="The instruction")
+
+
+class TaskBody(_ImageInput, _References, _Generation):
+    """POST /v1/tasks: any task, decided by the task parser: an explicit `task` wins; else a prompt starting
+    with "Question:" is answered, one starting with "Describe:" is a caption and one starting with "Edit:" is an
+    edit (all need an image); anything else is generated."""
+
+    task: str | None = Field(
+        default=None, max_length=32, description="generate | caption | vqa | edit (also t2i, describe, ask, ...)"
+    )
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     question: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
 
 
 # The task each explicit endpoint fixes; /v1/tasks leaves it to the parser.
 BODY_TASK: dict[type[_Body], str | None] = {GenerateBody: "generate", CaptionBody: "caption", AnswerBody: "vqa",
-                                            TaskBody: None}
+                                            EditBody: "edit", TaskBody: None}
 
 
 class SafetyInfo(BaseModel):
@@ -132,7 +161,7 @@ class TaskResponse(BaseModel):
 
     id: str
     tenant: str
-    task: Literal["generate", "caption", "vqa"]
+    task: Literal["generate", "caption", "vqa", "edit"]
     status: Literal["ok", "blocked"]
     prompt: str | None = None
     question: str | None = None
@@ -142,6 +171,9 @@ class TaskResponse(BaseModel):
     image_uri: str | None = Field(default=None, description="Where the PNG was written (output `uri`)")
     adapter: str | None = Field(default=None, description="tenant/name of the adapter used, if any")
     adapter_sha256: str | None = None
+    reference_sha256: list[str] | None = Field(
+        default=None, description="Edits: the sha256 of each reference image's bytes, in order"
+    )
     seed: int | None = None
     steps: int | None = None
     width: int | None = None
@@ -189,7 +221,8 @@ def response_of(result: TaskResult, *, image_base64: str | None, image_uri: str 
         id=result.id, tenant=result.tenant, task=result.task.value, status=result.status.value,
         prompt=result.prompt, question=result.question, caption=result.caption, answer=result.answer,
         image_base64=image_base64, image_uri=image_uri, adapter=result.adapter, adapter_sha256=result.adapter_sha256,
-        seed=result.seed, steps=result.steps, width=result.width, height=result.height, guidance=result.guidance,
+        reference_sha256=result.reference_sha256, seed=result.seed, steps=result.steps, width=result.width,
+        height=result.height, guidance=result.guidance,
         profile=result.profile, model_version=result.model_version, latency_ms=result.latency_ms, safety=safety,
     )
 
@@ -333,4 +366,4 @@ class ApiSettings(_Section):
 
 def body_fields(body: BaseModel) -> dict[str, Any]:
     """The fields a caller set, as a manifest row would carry them."""
-    return body.model_dump(exclude_none=True, exclude={"output", "image_base64", "image_uri"})
+    return body.model_dump(exclude_none=True, exclude={"output", "image_base64", "image_uri", "images"})

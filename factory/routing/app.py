@@ -7,7 +7,7 @@ One builder serves every way of starting it: `factory serve --config FILE`, `ser
 A serving config has a job spec's model sections, so a batch job can join the same warm fleet: a job that names
 ``serve.app_name: <app_name>`` and has the same `profile`, `serve` sizing, `safety`, `performance` and tenants
 registry computes the same replica fingerprint (`replica_setup` and `replica_fingerprint`, shared with
-factory.jobs.cluster.deploy) and reuses these replicas; with any of them different it is refused, and never
+factory.jobs.cluster.serve_app.deploy) and reuses these replicas; with any of them different it is refused, and never
 redeploys the app::
 
     app_name: factory-api
@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from factory.errors import ConfigError, one_line, validation_problems
+from factory.model.clip import scoring_model
 from factory.model.performance import Performance
 from factory.model.profiles import get_profile
 from factory.model.revisions import hub_revisions, pin_revisions
@@ -55,17 +56,21 @@ def replica_fingerprint(config: ReplicaConfig, sizing: dict[str, Any]) -> str:
 
 
 def replica_setup(profile: str, serve: Any, safety: SafetyPolicy, performance: dict[str, Any] | None,
-                  registry: TenantRegistry | None, revisions: dict[str, str] | None = None,
+                  registry: TenantRegistry | None, revisions: dict[str, str] | None = None, *,
+                  clip_score: bool = False, clip_revision: str | None = None,
                   ) -> tuple[ReplicaConfig, dict[str, Any]]:
     """The replicas' config and sizing from a job spec's or a serving config's sections (`serve` is either's
     `serve:`), and the commits its hub checkpoints were pinned to. Both build them here, so a job with a fleet's
-    sections (and the same commits) computes its fingerprint and can join it."""
+    sections (and the same commits) computes its fingerprint and can join it. `clip_score` (a job's
+    `quality.clip_score`) is part of it: replicas that score are not those that do not."""
+    if clip_score:
+        scoring_model(get_profile(profile))  # a profile with nothing to score with: one line, before any deploy
     config = ReplicaConfig(
         profile=profile, max_batch_size=serve.max_batch_size, batch_wait_timeout_s=serve.batch_wait_timeout_s,
         threads=max(1, int(serve.num_cpus)), safety=safety, max_adapters=serve.max_adapters,
         max_adapter_bytes=serve.max_adapter_bytes, lora_hotswap_rank=serve.lora_hotswap_rank, performance=performance,
         adapters={ref.key: ref for ref in registry.adapters()} if registry is not None else {},
-        revisions=revisions or {},
+        revisions=revisions or {}, clip_score=clip_score, clip_revision=clip_revision if clip_score else None,
     )
     sizing = {"replicas": serve.replicas, "num_cpus": serve.num_cpus,
               "num_gpus": get_profile(profile).replica_gpus(serve.num_gpus), "max_ongoing_requests": serve.max_ongoing_requests}
@@ -187,7 +192,8 @@ def build_serving_app(serving: Serving):
     s = serving.config.serve
     settings = serving.config.api
     ingress_config = {"api": settings.model_dump(mode="json"), "defaults": serving.defaults().model_dump(),
-                      "tenants": serving.tenants_data, "tenants_dir": serving.tenants_dir}
+                      "profile": serving.config.profile, "tenants": serving.tenants_data,
+                      "tenants_dir": serving.tenants_dir}
     # Pinned once for the fleet: a replica Serve restarts later loads the same commits as the first ones.
     revisions = hub_revisions(pin_revisions(get_profile(serving.config.profile)))
     with SERVE_DEFINITION_LOCK:
@@ -240,7 +246,7 @@ def start_serve(serving: Serving) -> None:
 def deploy_serving(serving: Serving, *, app_name: str | None = None, route_prefix: str | None = None) -> None:
     """Deploy (or redeploy) the app on the connected Ray and return at once, while the replicas load (serve.run
     would wait until every replica runs, forever for one the cluster cannot place): see /readyz, or
-    factory.jobs.cluster.wait_until_ready for one line saying why they do not start."""
+    factory.jobs.cluster.serve_app.wait_until_ready for one line saying why they do not start."""
     from ray import serve
 
     from factory.routing.replica import SERVE_DEFINITION_LOCK

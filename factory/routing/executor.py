@@ -7,6 +7,8 @@ image is scored before its bytes are attached to the result (a blocked image is 
 travels only as `quarantine_png`); an input image is scored before it is captioned. An edit row gets both: each
 of its references is scored as an input (a flagged one blocks the row, whatever the policy says about captioning
 flagged inputs, and never reaches the generator), then its instruction and its output as a generation row's.
+When the stack carries a CLIP model (a job's `quality.clip_score`), every ok generated or edited image is scored
+against its prompt last, in the same call (`clip_score`, its time in `quality_ms`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def base_result(request: TaskRequest, stack: ModelStack | None, **fields) -> Tas
         id=request.id, tenant=request.tenant, region=request.region, task=request.task, prompt=request.prompt,
         question=request.question, source_uri=request.image, adapter=request.adapter,
         reference_uris=list(request.images) if request.images else None,
+        references=list(request.references) if request.references else None,
+        answers=list(request.answers) if request.answers else None,
         profile=stack.profile.name if stack is not None else None,
         model_version=stack.model_version if stack is not None else None, seed=request.seed,
         performance=stack.generator.performance_tag if stack is not None and request.task in IMAGE_TASKS else None,
@@ -95,6 +99,7 @@ class TaskExecutor:
     def __init__(self, stack: ModelStack, safety=None):
         self.stack = stack
         self.safety = _TimedSafety(safety) if safety is not None else None
+        self.scoring_seconds = 0.0  # spent in CLIPScore, when the stack scores
 
     def run(self, requests: Sequence[TaskRequest],
             images: Sequence[Image.Image | tuple[Image.Image, ...] | None]) -> list[TaskResult]:
@@ -109,6 +114,7 @@ class TaskExecutor:
             batch_images = [images[i] for i in indices]
             started = time.perf_counter()
             safety_before = self.safety.seconds if self.safety else 0.0
+            scoring_before = self.scoring_seconds
             try:
                 produced = call(batch, batch_images)
             except Exception as error:  # a model failure fails its rows, never the whole batch's other tasks
@@ -119,15 +125,19 @@ class TaskExecutor:
                 ]
             per_row_ms = (time.perf_counter() - started) * 1000 / len(batch)
             safety_ms = ((self.safety.seconds if self.safety else 0.0) - safety_before) * 1000 / len(batch)
+            scored = self.stack.clip is not None and task in IMAGE_TASKS
+            quality_ms = (self.scoring_seconds - scoring_before) * 1000 / len(batch)
             for index, result in zip(indices, produced, strict=True):
                 result.latency_ms = round(per_row_ms, 3)
                 result.safety_ms = round(safety_ms, 3) if self.safety else None
+                result.quality_ms = round(quality_ms, 3) if scored else None
                 results[index] = result
         return results  # type: ignore[return-value]
 
     def _generate(self, batch: list[TaskRequest], _images) -> list[TaskResult]:
         return self._make_images(batch, lambda indices: self.stack.generate([
-            GenerationParams(r.prompt or "", r.seed or 0, r.steps or 1, r.width or 16, r.height or 16, r.guidance or 0.0)
+            GenerationParams(r.prompt or "", r.seed or 0, r.steps or 1, r.width or 16, r.height or 16,
+                             r.guidance or 0.0)
             for r in (batch[i] for i in indices)
         ]))
 
@@ -164,7 +174,8 @@ class TaskExecutor:
             results[index] = result
         return results  # type: ignore[return-value]
 
-    def _make_images(self, batch: list[TaskRequest], make: Callable[[list[int]], list[Image.Image]]) -> list[TaskResult]:
+    def _make_images(self, batch: list[TaskRequest],
+                     make: Callable[[list[int]], list[Image.Image]]) -> list[TaskResult]:
         """Rows whose result is a made image: the prompt filter, then `make(indices of the allowed rows)`, the image
         check, and the rows' checks."""
         results: list[TaskResult | None] = [None] * len(batch)
@@ -183,8 +194,25 @@ class TaskExecutor:
             image_verdicts = self.safety.check_images(images) if self.safety else [None] * len(images)
             for index, image, verdict in zip(allowed, images, image_verdicts, strict=True):
                 results[index] = self._generated_result(batch[index], image, verdict)
-            self._run_checks(batch, results, dict(zip(allowed, images, strict=True)))
+            made = dict(zip(allowed, images, strict=True))
+            self._run_checks(batch, results, made)
+            self._score(batch, results, made)
         return results  # type: ignore[return-value]
+
+    def _score(self, batch: list[TaskRequest], results: list, images: dict[int, Image.Image]) -> None:
+        """CLIPScore of each ok image against its prompt, one CLIP call for the batch, when the stack scores. A
+        blocked image is scored by no model; a failure fails the rows, as any model's does (an unscored row would
+        drop out of its group's mean unseen)."""
+        ok = [index for index in images if results[index].status is Status.OK]
+        if self.stack.clip is None or not ok:
+            return
+        started = time.perf_counter()
+        try:
+            scores = self.stack.clip_score([images[i] for i in ok], [batch[i].prompt or "" for i in ok])
+        finally:
+            self.scoring_seconds += time.perf_counter() - started
+        for index, score in zip(ok, scores, strict=True):
+            results[index].clip_score = score
 
     def _run_checks(self, batch: list[TaskRequest], results: list, images: dict[int, Image.Image]) -> None:
         """Ask each ok image its row's checks: one VLM call per distinct check across the batch. Blocked images

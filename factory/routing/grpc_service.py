@@ -31,14 +31,19 @@ def grpc_code(http_status: int) -> grpc.StatusCode:
     return _CODES.get(http_status, grpc.StatusCode.INTERNAL)
 
 
-def body_from_message(message: pb.TaskRequest) -> tuple[dict[str, Any], bytes | None]:
+def body_from_message(message: pb.TaskRequest) -> tuple[dict[str, Any], bytes | None, list[bytes | None] | None]:
     """The fields the caller set (proto3 `optional` presence), as a JSON body would carry them, and the raw image
-    bytes apart (JSON carries them as base64; gRPC need not)."""
+    bytes apart (JSON carries them as base64; gRPC need not): the image's, and each reference's of `images` (None
+    for one given by `image_uri`), aligned with the body's `images`."""
     fields: dict[str, Any] = {descriptor.name: value for descriptor, value in message.ListFields()}
     image = fields.pop("image", None)
     if "guidance" in fields:  # a proto float: keep the decimal the caller wrote (3.5, not 3.5000000xx)
         fields["guidance"] = float(f"{fields['guidance']:.6g}")
-    return fields, image
+    references = fields.pop("images", None)
+    if references is None:
+        return fields, image, None
+    fields["images"] = [{"image_uri": r.image_uri} if r.HasField("image_uri") else {} for r in references]
+    return fields, image, [r.image if r.HasField("image") else None for r in references]
 
 
 def response_message(response: TaskResponse) -> pb.TaskResponse:

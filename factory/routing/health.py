@@ -2,8 +2,8 @@
 
 Serve calls a replica's `check_health` every `health_check_period_s` and replaces the replica after three
 failures in a row. `HealthProbe.check` runs the generator (one step at its smallest shape), the VLM (one forward
-pass for the first token of a caption) and the safety detector on a small image, and raises if a call fails or
-returns NaN or infinity. The models are not run more often than they need to be:
+pass for the first token of a caption), the CLIP model when the replica scores, and the safety detector on a small
+image, and raises if a call fails or returns NaN or infinity. The models are not run more often than they need to be:
 - a probe that passed, or a batch that produced rows with no model failure, holds for `cache_s` seconds;
 - while a batch is running, unless the last one failed, its outcome is awaited instead (a probe would queue
   behind it for as long as the batch takes); a batch with a failed model call clears the evidence, so the next
@@ -95,6 +95,8 @@ def probe_models(runner: BatchRunner) -> None:
     image = Image.linear_gradient("L").resize((PROBE_IMAGE_SIDE, PROBE_IMAGE_SIDE)).convert("RGB")
     logits = _called("vlm", lambda: stack.vlm.next_token_logits([image], [stack.vlm.profile.caption_prompt]))
     _finite("vlm", logits.float().cpu().numpy())
+    if stack.clip is not None:
+        _finite("clip", np.asarray(_called("clip", lambda: stack.clip.score([image], ["health check"]))))
     if safety is not None:
         _called("safety detector", lambda: safety.check_images([image]))
 

@@ -94,6 +94,7 @@ def parse_request(raw: dict[str, Any] | RowInput, defaults: GenerationDefaults) 
     row = raw if isinstance(raw, RowInput) else parse_row(raw)
     task = resolve_task(row)
     common = {"id": row.id, "tenant": row.tenant, "task": task, "region": row.region, "adapter": row.adapter}
+    _check_expected(row, task)
 
     if task is Task.EDIT:
         return _edit_request(row, defaults, common)
@@ -106,7 +107,8 @@ def parse_request(raw: dict[str, Any] | RowInput, defaults: GenerationDefaults) 
         if row.image is not None:
             raise RequestError("image", "text-to-image takes no input image")
         return TaskRequest(
-            **common, prompt=row.prompt, seed=_seed(row), steps=row.steps or defaults.steps, width=row.width or defaults.width,
+            **common, prompt=row.prompt, seed=_seed(row), steps=row.steps or defaults.steps,
+            width=row.width or defaults.width,
             height=row.height or defaults.height,
             guidance=row.guidance if row.guidance is not None else defaults.guidance,
         )
@@ -118,10 +120,22 @@ def parse_request(raw: dict[str, Any] | RowInput, defaults: GenerationDefaults) 
         question = _strip_prefix(question, QUESTION_PREFIX)
         if not question:
             raise RequestError("question", "required for vqa (a 'question' field or a 'Question: ...' prompt)")
-        return TaskRequest(**common, prompt=row.prompt, question=question, image=row.image)
+        return TaskRequest(**common, prompt=row.prompt, question=question, image=row.image,
+                           answers=tuple(row.answers) if row.answers else None)
 
     instruction = _strip_prefix(row.prompt or "", DESCRIBE_PREFIX) or None
-    return TaskRequest(**common, prompt=instruction, image=row.image)
+    return TaskRequest(**common, prompt=instruction, image=row.image,
+                       references=tuple(row.references) if row.references else None)
+
+
+# What a row may be scored against, and the one task whose output each scores.
+_EXPECTED = {"references": (Task.CAPTION, "reference captions"), "answers": (Task.VQA, "expected answers")}
+
+
+def _check_expected(row: RowInput, task: Task) -> None:
+    for field, (scored, what) in _EXPECTED.items():
+        if getattr(row, field) is not None and task is not scored:
+            raise RequestError(field, f"only {scored.value} rows take {what}; this row is {task.value}")
 
 
 def _edit_request(row: RowInput, defaults: GenerationDefaults, common: dict[str, Any]) -> TaskRequest:
@@ -146,7 +160,8 @@ def _edit_request(row: RowInput, defaults: GenerationDefaults, common: dict[str,
         defaults.edit_guidance if defaults.edit_guidance is not None else defaults.guidance
     )
     return TaskRequest(
-        **common, prompt=instruction, images=references, seed=_seed(row), steps=row.steps or defaults.steps, width=row.width, height=row.height, guidance=guidance,
+        **common, prompt=instruction, images=references, seed=_seed(row), steps=row.steps or defaults.steps,
+        width=row.width, height=row.height, guidance=guidance,
     )
 
 

@@ -73,6 +73,13 @@ class ReplicaConfig(BaseModel):
         default_factory=dict, description="The commits the job or fleet pinned the profile's hub checkpoints to, by "
         "component ('generator', 'vlm'): every replica, a restarted one too, loads exactly these"
     )
+    clip_score: bool = Field(
+        default=False, description="Score every ok generated or edited image against its prompt (CLIPScore) with the "
+        "profile's quality.clip model, loaded once beside the stack; off: no CLIP model is loaded"
+    )
+    clip_revision: str | None = Field(
+        default=None, description="The commit the job pinned the CLIP model to (None: the tiny or a local model)"
+    )
 
 
 def build_runner(config: ReplicaConfig, stack: ModelStack) -> BatchRunner:
@@ -150,7 +157,9 @@ class StackReplica:
         torch.set_num_threads(self.config.threads)
         profile = with_revisions(with_performance(get_profile(self.config.profile), self.config.performance),
                                  self.config.revisions)
-        self.runner = build_runner(self.config, ModelStack.from_profile(profile))
+        stack = ModelStack.from_profile(profile, clip_score=self.config.clip_score,
+                                        clip_revision=self.config.clip_revision)
+        self.runner = build_runner(self.config, stack)
         self.health = HealthProbe(self.runner, self.config.health_check_cache_s)
         self.run_batch.set_max_batch_size(self.config.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import re
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_SIDE = 2048
 MIN_SIDE = 16
 MAX_STEPS = 100
 MAX_PROMPT_CHARS = 4000
 MAX_REFERENCES = 10  # reference images one edit row may give (a profile may take fewer)
+MAX_EXPECTED = 32  # reference captions or expected answers one row may carry (VQAv2 has 10, COCO 5-7)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -60,6 +61,14 @@ class RowInput(BaseModel):
         default=None, min_length=1, max_length=MAX_REFERENCES, description="An edit's reference images (URIs, "
         "first one sets the aspect ratio); in CSV a JSON list such as [\"a.png\", \"b.png\"]",
     )
+    references: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_EXPECTED, description="Caption rows: human reference captions "
+        "the caption is scored against (BLEU, CIDEr-D); in CSV a JSON list, or one caption",
+    )
+    answers: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_EXPECTED, description="VQA rows: the expected answer, or several "
+        "(VQAv2's ten human answers), the answer is scored against (VQA accuracy); in CSV a JSON list, or one answer",
+    )
     region: str | None = Field(default=None, max_length=64)
     adapter: str | None = Field(default=None, max_length=128)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -76,17 +85,18 @@ class RowInput(BaseModel):
             return {key: value for key, value in data.items() if _blank_to_none(value) is not None}
         return data
 
-    @field_validator("images", mode="before")
+    @field_validator("images", "references", "answers", mode="before")
     @classmethod
-    def _images_from_text(cls, value: Any) -> Any:
-        # A CSV cell is text: a JSON list there is the list it spells; any other text is one URI.
+    def _lists_from_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # A CSV cell is text: a JSON list there is the list it spells; any other text is one entry.
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
                 try:
                     return json.loads(text)
                 except json.JSONDecodeError:
-                    raise ValueError("must be a JSON list of image URIs") from None
+                    what = "image URIs" if info.field_name == "images" else "texts"
+                    raise ValueError(f"must be a JSON list of {what}") from None
             return [text]
         return value
 
@@ -155,6 +165,8 @@ class TaskRequest(BaseModel):
     height: int | None = None
     guidance: float | None = None
     checks: tuple[ImageCheck, ...] = ()  # generate/edit rows: asked of the image once it passed the safety check
+    references: tuple[str, ...] | None = None  # caption rows: reference captions, carried to the result for scoring
+    answers: tuple[str, ...] | None = None  # vqa rows: expected answers, carried to the result for scoring
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -209,3 +221,25 @@ class TaskResult(BaseModel):
     # A quarantined image travels only to OUTPUT/quarantine/; `image_uri` never points there.
     quarantine_png: bytes | None = Field(default=None, repr=False)
     quarantine_uri: str | None = None
+    # Quality (factory/quality, README "Quality"): the row's own scores, kept with what they were scored against so
+    # `factory eval` can score a results folder again. BLEU is a corpus score: a group's BLEU is that of its rows'
+    # summed counts, never a mean of `bleu4`; CIDEr-D needs the whole run's references and is scored in its summary.
+    references: list[str] | None = Field(default=None, description="Caption rows: the reference captions")
+    answers: list[str] | None = Field(default=None, description="VQA rows: the expected answers")
+    clip_score: float | None = Field(
+        default=None, description="Ok generated or edited images, with quality.clip_score: CLIPScore against the "
+        "prompt (100 x max(cos, 0), the profile's quality.clip model)"
+    )
+    vqa_accuracy: float | None = Field(default=None, description="Ok VQA rows with answers: VQA accuracy in [0, 1]")
+    bleu4: float | None = Field(default=None, description="Ok caption rows with references: sentence BLEU-4, [0, 1]")
+    bleu_candidate_length: int | None = Field(default=None, description="BLEU counts: caption tokens")
+    bleu_reference_length: int | None = Field(
+        default=None, description="BLEU counts: tokens of the reference closest in length"
+    )
+    bleu_guesses: list[int] | None = Field(default=None, description="BLEU counts: caption n-grams, n = 1..4")
+    bleu_matches: list[int] | None = Field(
+        default=None, description="BLEU counts: caption n-grams found in a reference (clipped), n = 1..4"
+    )
+    quality_ms: float | None = Field(
+        default=None, description="Part of latency_ms spent scoring images (CLIPScore), per row of the batch"
+    )

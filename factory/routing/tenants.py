@@ -32,7 +32,8 @@ are names, never paths (`../x`, `/etc/passwd` are refused), and `base` is reserv
 
 A tenant's `inputs` are the roots its rows' and requests' images must lie under (local folders relative to this
 file's folder, s3:// or http(s):// prefixes); a job adds its own `input_roots`, and the online API may only narrow
-them with `api.input_prefixes`. A tenant with none reads what its job allows (see factory.jobs.validate).
+them with `api.input_prefixes`. A tenant with none reads what its job allows (see
+factory.jobs.sources.manifests.validate).
 """
 
 from __future__ import annotations

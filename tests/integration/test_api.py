@@ -98,7 +98,7 @@ def served(ray_cluster, s3_endpoint, tmp_path_factory):
     from ray import serve
 
     from factory.io.storage import Storage
-    from factory.jobs.cluster import wait_until_ready
+    from factory.jobs.cluster.serve_app import wait_until_ready
     from factory.routing.app import deploy_serving, load_serving
 
     bucket = new_bucket(s3_endpoint, "api")
@@ -280,6 +280,70 @@ def test_grpc_each_method_and_its_errors(served):
         code, details, trailing = code_of(stub.Generate, pb.TaskRequest(prompt="x"),
                                           (("application", APP), ("authorization", "Bearer fk_nope")))
         assert code == grpc.StatusCode.UNAUTHENTICATED and trailing["http-status"] == "401"
+
+
+# ---- edits, both doors -----------------------------------------------------------------------------------------
+
+
+def test_edit_over_http_and_grpc_reads_its_reference_under_the_tenants_roots(served):
+    """`POST /v1/edit` and gRPC `Edit`: the same reference and seed give the same bytes whichever way the reference
+    comes (an s3:// URI, base64, raw gRPC bytes); another reference gives another image; a reference outside the
+    tenant's roots is 403 before any read; the profile's one-reference limit is 400 naming `images`."""
+    import hashlib
+
+    import grpc
+
+    from factory.io.storage import Storage
+    from factory.routing.proto import factory_api_pb2 as pb
+    from factory.routing.proto import factory_api_pb2_grpc as pb_grpc
+
+    bucket = served["bucket"]
+    own = f"{bucket}/inputs/globex/coffee.png"
+    packshot = Storage().read_bytes(own)
+    body = {"prompt": "place the product on a beach", "seed": 7}
+    by_uri = post(served, "/v1/edit", {**body, "image_uri": own}, tenant="globex").json()
+    assert by_uri["status"] == "ok" and by_uri["task"] == "edit" and by_uri["adapter"] == "globex/brand"
+    assert by_uri["reference_sha256"] == [hashlib.sha256(packshot).hexdigest()]
+    # no size: the reference's 4:3 within the server's default 64x64 pixels
+    assert decoded(by_uri).size == (by_uri["width"], by_uri["height"]) == (80, 48)
+    by_upload = post(served, "/v1/edit", {**body, "image_base64": b64(packshot)}, tenant="globex").json()
+    assert by_upload["image_base64"] == by_uri["image_base64"]
+    routed = post(served, "/v1/tasks", {**body, "prompt": "Edit: place the product on a beach", "image_uri": own},
+                  tenant="globex").json()
+    assert routed["task"] == "edit" and routed["image_base64"] == by_uri["image_base64"]
+    other = post(served, "/v1/edit", {**body, "images": [{"image_base64": b64(png((64, 48), (10, 200, 10)))}]},
+                 tenant="globex").json()
+    assert other["status"] == "ok" and other["image_base64"] != by_uri["image_base64"]
+
+    assert_error(post(served, "/v1/edit", {**body, "image_uri": f"{bucket}/inputs/acme/coffee.png"},
+                      tenant="globex"), 403, "image_uri")
+    refused = assert_error(post(served, "/v1/edit", {**body, "images": [{"image_uri": f"{bucket}/private/secret.png"}]},
+                                tenant="globex"), 403, "images[0]")
+    assert "outside the inputs of tenant globex" in refused["message"]
+    two = [{"image_uri": own}, {"image_base64": b64(packshot)}]
+    assert "profile tiny takes at most 1" in assert_error(
+        post(served, "/v1/edit", {**body, "images": two}, tenant="globex"), 400, "images")["message"]
+    assert_error(post(served, "/v1/edit", {**body, "image_base64": b64(b"\0" * (MAX_IMAGE_BYTES + 10))},
+                      tenant="globex"), 413, "image_base64")
+    assert_error(post(served, "/v1/edit", {"prompt": "x"}, tenant="globex"), 400, "image")
+
+    metadata = (("application", APP), ("authorization", f"Bearer {KEYS['globex'].key}"))
+    with grpc.insecure_channel(served["grpc"]) as channel:
+        stub = pb_grpc.FactoryStub(channel)
+        for message in (pb.TaskRequest(prompt=body["prompt"], seed=7, image_uri=own),
+                        pb.TaskRequest(prompt=body["prompt"], seed=7, image=packshot),
+                        pb.TaskRequest(prompt=body["prompt"], seed=7, images=[pb.Reference(image=packshot)])):
+            edited = stub.Edit(message, metadata=metadata, timeout=60)
+            assert edited.task == "edit" and edited.status == "ok"
+            assert edited.image == base64.b64decode(by_uri["image_base64"])
+            assert list(edited.reference_sha256) == by_uri["reference_sha256"]
+        for message, field in ((pb.TaskRequest(prompt="x", image_uri=f"{bucket}/inputs/acme-evil/x.png"), "image_uri"),
+                               (pb.TaskRequest(prompt="x", images=[pb.Reference(image_uri=f"{bucket}/private/secret.png")]),
+                                "images[0]")):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Edit(message, metadata=metadata, timeout=60)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert json.loads(caught.value.details())["field"] == field
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
@@ -657,7 +721,7 @@ def _sequential(served, cases):
 
 
 def test_a_batch_job_naming_the_app_joins_the_same_replicas(served, tmp_path):
-    from factory.jobs.cluster import deploy
+    from factory.jobs.cluster.serve_app import deploy
     from factory.jobs.spec import JobSpec
     from factory.routing.tenants import TenantRegistry
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from factory.io.storage import Storage
-from factory.jobs.archive import caption_spec, default_run_id, rows_of
-from factory.jobs.pipeline import run_job
+from factory.jobs.run import run_job
+from factory.jobs.sources.archives.source import caption_spec, default_run_id, rows_of
 from tests.archives import (
     COMPANION, DUPLICATE, bad_files, build_folder, build_tar_shards, build_zip, good_images,
 )

@@ -16,9 +16,9 @@ from PIL import Image
 
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.catalog import stable_seed
-from factory.jobs.commit import read_table
-from factory.jobs.pipeline import run_job
+from factory.jobs.engine.commit import read_table
+from factory.jobs.run import run_job
+from factory.jobs.sources.manifests.catalog import stable_seed
 from factory.jobs.spec import load_spec
 
 pytestmark = pytest.mark.slow

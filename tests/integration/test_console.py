@@ -192,7 +192,13 @@ def assert_quiet(done: subprocess.CompletedProcess, tmp_path: Path) -> str:
     assert not noise, "\n".join(noise)
     # stdout: the summary table and its closing line, nothing else.
     lines = done.stdout.rstrip("\n").splitlines()
-    assert lines[0].strip() == "catalog / catalog" and lines[-1].startswith("33 rows, 10 rejects, 26 images in")
+    # One story of counts (input rows, the rows they became, rejected before the model, ran by status), the same
+    # as the progress line's: 39 rows validated, then the 33 that run.
+    assert lines[0].strip() == "catalog / catalog" and lines[-1].startswith(
+        "39 input rows became 43 rows: 10 rejected before the model, 33 ran (32 ok, 0 blocked, 1 rejected, 0 failed); "
+        "26 images in")
+    progress = [line.split("  ")[0] for line in done.stderr.splitlines()]
+    assert progress[-1] == "rows 33/33" and "validating 39/39" in progress
     assert all(line[:1] in "┏┃┡│├└" for line in lines[1:-1]), done.stdout
     return (tmp_path / "factory.log").read_text()
 

@@ -16,8 +16,8 @@ import pytest
 from factory.errors import ConfigError, FactoryError
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.commit import read_table
-from factory.jobs.pipeline import run_job, validate_job
+from factory.jobs.engine.commit import read_table
+from factory.jobs.run import run_job, validate_job
 from factory.jobs.spec import load_spec
 from tests.drivers import kill_when, start_driver
 
@@ -127,7 +127,7 @@ def test_s3_failing_part_of_its_requests_loses_nothing_and_a_dead_endpoint_is_on
         # No partial object anywhere: every Parquet file reads whole, every image decodes.
         storage = Storage()
         for uri in storage.list_files(root, suffixes=[".parquet"]):
-            from factory.jobs.commit import read_parquet_bytes
+            from factory.jobs.engine.commit import read_parquet_bytes
 
             read_parquet_bytes(storage.read_bytes(uri))
         from PIL import Image
@@ -242,7 +242,8 @@ def test_validate_counts_and_rejects_then_run_reuses_the_validation(ray_cluster,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     # 34 manifest rows and 5 catalog products; the products expand into 7 generation rows and 2 rejects.
-    assert "39 input rows: 33 would run, 10 rejects (1 duplicate ids" in completed.stdout.replace("\n", " ")
+    assert ("39 input rows became 43 rows: 10 rejected before the model (1 duplicate ids, 0 unreadable manifests), "
+            "33 would run;") in completed.stdout.replace("\n", " ")
     root = str(tmp_path / "catalog")
     validation = json.loads(Storage().read_bytes(OutputLayout(root).validation))
     assert validation["tasks"] == {"caption": 4, "generate": 26, "vqa": 3}
@@ -253,7 +254,7 @@ def test_validate_counts_and_rejects_then_run_reuses_the_validation(ray_cluster,
     spec = load_spec(catalog, [f"output={tmp_path}"])
     summary = run_job(spec, address=ray_cluster["address"], show_progress=False)
     assert summary.rows_read == 0  # validated once: the run did not read the manifests again
-    assert (summary.rows, summary.rejects) == (33, 10)
+    assert (summary.input_rows, summary.rows, summary.rejects) == (39, 33, 10)
 
 
 def test_validate_killed_part_way_resumes_by_chunk(ray_cluster, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from factory.errors import ModelError
-from factory.jobs.pipeline import run_job
+from factory.jobs.run import run_job
 from factory.jobs.spec import load_spec
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.pipeline import JobAborted, run_job
-from factory.jobs.commit import RESULT_SCHEMA, read_table
+from factory.jobs.engine.commit import RESULT_SCHEMA, read_table
+from factory.jobs.run import JobAborted, run_job
 from factory.jobs.spec import load_spec
 from tests.drivers import kill_when, start_driver
 

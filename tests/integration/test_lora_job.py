@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from factory.io.storage import Storage
-from factory.jobs.pipeline import run_job
+from factory.jobs.run import run_job
 from factory.jobs.spec import load_spec
 from tests.integration.test_job import REPO, results_of
 

@@ -167,7 +167,8 @@ def test_factory_refuses_a_ray_with_auth_off_unless_told_on_loopback(open_head, 
     private_env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     drivers = {
         # A client in token mode (as conftest sets) joins an open cluster without noticing: the cluster is asked.
-        "run": factory(["run", *job, "--address", open_head.gcs], tmp_path),
+        "run": factory(["run", *job, "--address", open_head.gcs, "--set", f"output={tmp_path / 'refused'}"],
+                       tmp_path),
         "serve": factory(["serve", "--address", open_head.gcs], tmp_path, RAY_AUTH_MODE="disabled"),
         # The private Ray `factory run` starts, with its auth turned off.
         "private run": subprocess.Popen(
@@ -198,3 +199,4 @@ def test_factory_refuses_a_ray_with_auth_off_unless_told_on_loopback(open_head, 
     assert "token auth off, as FACTORY_ALLOW_NO_AUTH=1 allows" in stderr
     assert json.loads((tmp_path / "out" / "authcheck" / "validation.json").read_text())
     assert not (tmp_path / "out" / "authcheck" / "_SUCCESS").exists()  # the refused runs did nothing
+    assert not (tmp_path / "refused").exists()  # Ray is joined (and refused) before anything is written, a plan too

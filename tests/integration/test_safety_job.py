@@ -10,7 +10,7 @@ import pytest
 
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.pipeline import run_job
+from factory.jobs.run import run_job
 from factory.jobs.spec import load_spec
 from tests.integration.test_job import REPO, results_of
 

@@ -20,9 +20,9 @@ from PIL import Image
 
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.commit import read_table
-from factory.jobs.gallery import build_gallery
-from factory.jobs.pipeline import run_job, validate_job
+from factory.jobs.engine.commit import read_table
+from factory.jobs.report.gallery import build_gallery
+from factory.jobs.run import run_job, validate_job
 from factory.jobs.spec import load_spec
 from tests.integration.test_job import results_of
 from tests.s3server import new_bucket

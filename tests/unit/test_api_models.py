@@ -71,7 +71,7 @@ def test_image_headers_are_checked_without_decoding_pixels():
 
 
 def test_grpc_messages_become_the_same_bodies():
-    fields, image = body_from_message(pb.TaskRequest(prompt="a cat", seed=0, guidance=3.5, image=b"\x89PNG"))
+    fields, image, _ = body_from_message(pb.TaskRequest(prompt="a cat", seed=0, guidance=3.5, image=b"\x89PNG"))
     assert fields == {"prompt": "a cat", "seed": 0, "guidance": 3.5} and image == b"\x89PNG"
     assert GenerateBody.model_validate(fields).seed == 0  # proto3 presence: an explicit 0 is kept
     response = TaskResponse(id="a", tenant="t", task="generate", status="ok",

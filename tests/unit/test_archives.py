@@ -15,9 +15,10 @@ from factory.io.archives import (
 from factory.io.images import fit_size, prepare_image
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.archive import (
-    PlanContext, caption_instruction, caption_spec, check_sources, dataset_stem, list_source, read_plan,
-)
+from factory.jobs.engine.writers import dataset_stem
+from factory.jobs.sources.archives.listing import PlanContext, check_sources, list_source, read_plan
+from factory.jobs.sources.archives.rows import caption_instruction
+from factory.jobs.sources.archives.source import caption_spec
 from tests.archives import bad_files, build_folder, build_tar_shards, build_zip, good_images
 
 

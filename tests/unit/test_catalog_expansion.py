@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from factory.jobs.catalog import CatalogSpec, ExpansionError, Size, expand_product, stable_seed
-from factory.jobs.reuse import ReuseContext, content_key
+from factory.jobs.sources.manifests.reuse import ReuseContext, content_key
+from factory.jobs.sources.manifests.catalog import ExpansionError, expand_product, stable_seed
+from factory.jobs.spec import CatalogSpec, Size
 from factory.routing.parser import GenerationDefaults, parse_request
 from factory.routing.requests import ImageCheck
 

@@ -11,13 +11,15 @@ import pytest
 
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.commit import (
-    RESULT_SCHEMA, STAGED_REQUESTS, VALIDATED, ChunkCommitter, CommitConflict, committed_parts, publish,
-    read_committed, read_parquet_bytes, read_table, stats_of, write_marker,
+from factory.jobs.engine.commit import (
+    RESULT_SCHEMA, ChunkCommitter, CommitConflict, publish, read_parquet_bytes, read_table, write_marker,
 )
-from factory.jobs.dedup import DedupIndex, find_duplicates, key_table, load_duplicates
-from factory.jobs.plan import build_plan
-from factory.jobs.validate import ValidateContext, validate_chunk, write_duplicate_rejects
+from factory.jobs.engine.resume import committed_parts, read_committed, stats_of
+from factory.jobs.sources.manifests.duplicates import (
+    DedupIndex, find_duplicates, key_table, load_duplicates, write_duplicate_rejects,
+)
+from factory.jobs.sources.manifests.plan import build_plan
+from factory.jobs.sources.manifests.validate import STAGED_REQUESTS, VALIDATED, ValidateContext, validate_chunk
 from factory.routing.parser import GenerationDefaults
 from factory.routing.requests import TaskResult
 

@@ -1,11 +1,11 @@
-"""The decisions behind refusing a Ray (factory.jobs.cluster_auth), without Ray: which addresses are loopback, when
+"""The decisions behind refusing a Ray (factory.jobs.cluster.auth), without Ray: which addresses are loopback, when
 a cluster with token auth off is refused, and when a private Ray that listens beyond loopback is."""
 
 from __future__ import annotations
 
 import pytest
 
-from factory.jobs.cluster_auth import ALLOW_NO_AUTH_ENV, auth_refusal, beyond_loopback, private_ray_refusal
+from factory.jobs.cluster.auth import ALLOW_NO_AUTH_ENV, auth_refusal, beyond_loopback, private_ray_refusal
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:6379", "127.3.2.1:80", "[::1]:8265", "::1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from factory.errors import ConfigError
-from factory.jobs.durable import check_durable_output
+from factory.jobs.cluster.durable import check_durable_output
 
 
 def test_an_output_inside_rays_working_dir_copy_is_refused(tmp_path):

@@ -29,7 +29,7 @@ def edit(**row):
     ((3000, 4000), 256 * 256, (224, 288)),        # portrait mirrors landscape
     ((1920, 1080), 1024 * 1024, (1360, 768)),     # 16:9 at one megapixel
     ((451, 300), 256 * 256, (304, 208)),          # a small photo is scaled up to the budget
-    ((10000, 100), 256 * 256, (2048, 32)),        # a banner is capped at the largest side
+    ((10000, 100), 256 * 256, (2048, 16)),        # a banner: its long side capped, the short one follows
     ((7, 5), 256 * 256, (304, 208)),
 ])
 def test_the_output_keeps_the_first_references_aspect_within_the_pixel_budget(size, pixels, expected):

@@ -83,7 +83,7 @@ def test_one_line_names_the_first_few_and_counts_the_rest():
 
 
 def test_every_caller_uses_the_same_words_for_the_same_mistake(tmp_path):
-    from factory.jobs.manifests import ManifestRecord, validate_record
+    from factory.jobs.sources.manifests.files import ManifestRecord, validate_record
     from factory.jobs.spec import load_spec
     from factory.routing.parser import GenerationDefaults, RequestError, parse_request
     from factory.routing.tenants import TenantRegistry

@@ -9,7 +9,7 @@ from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, Deplo
 from structlog.testing import capture_logs
 
 from factory.errors import ConfigError
-from factory.jobs.cluster import check_gpus, deploy_failure, is_ready, not_ready_line, waiting_for
+from factory.jobs.cluster.serve_app import check_gpus, deploy_failure, is_ready, not_ready_line, waiting_for
 from factory.jobs.spec import JobSpec, ServeConfig, load_spec, resolved_num_gpus
 
 

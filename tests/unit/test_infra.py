@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from factory.jobs.cluster import FORWARDED_ENV
+from factory.jobs.cluster.connection import FORWARDED_ENV
 from factory.jobs.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]

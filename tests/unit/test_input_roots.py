@@ -14,10 +14,10 @@ from factory.io.images import fetch_bytes
 from factory.io.layout import OutputLayout
 from factory.io.roots import InputRoots, OutsideRoots, normalise_root
 from factory.io.storage import Storage
-from factory.jobs.commit import read_table
-from factory.jobs.plan import build_plan
+from factory.jobs.engine.commit import read_table
+from factory.jobs.sources.manifests.plan import build_plan
 from factory.jobs.spec import JobSpec, load_spec
-from factory.jobs.validate import TenantRoots, ValidateContext, validate_chunk
+from factory.jobs.sources.manifests.validate import TenantRoots, ValidateContext, validate_chunk
 from factory.routing.api_models import ApiSettings
 from factory.routing.parser import GenerationDefaults
 from factory.routing.tenants import TenantRegistry

@@ -31,7 +31,7 @@ DRIVER = """
     import structlog
     from factory.logs import configure_logging
     configure_logging(os.environ.get("FACTORY_LOG_LEVEL", "warning"))
-    log = structlog.get_logger("factory.jobs.pipeline")
+    log = structlog.get_logger("factory.jobs.run")
     log.info("run starting", rows=3)
     log.warning("error budget close", failed=2)
     logging.getLogger("ray.data").warning("Progress bars disabled.")
@@ -155,9 +155,45 @@ def test_forwarded_worker_output_drops_a_dropped_records_continuation_lines():
     assert printed == []
 
 
+# What Serve's controller forwarded to the driver while a worker node was lost (Ray 2.60, abridged).
+LOST_NODE = [
+    "ERROR 2026-12-07 12:54:40,899 controller 2195 -- Unexpected error invoking health check for proxy on 36d1",
+    "Traceback (most recent call last):",
+    '  File "ray/serve/_private/proxy_state.py", line 265, in is_healthy',
+    "    return self._health_check_future.result()",
+    "ray.exceptions.ActorUnavailableError: The actor 0581 is unavailable: The actor is temporarily unavailable",
+    "ERROR 2026-12-07 12:54:43,925 controller 2195 -- The deployments ['StackReplica'] are UNHEALTHY.",
+    "ERROR 2026-12-07 12:54:45,879 controller 2195 -- Exception when trying to gracefully shutdown replica:",
+    "Traceback (most recent call last):",
+    '  File "ray/serve/_private/deployment_state.py", line 1613, in check_stopped',
+    "ray.exceptions.ActorUnavailableError: The actor fece is unavailable: The actor is temporarily unavailable",
+    "Traceback (most recent call last):",
+    '  File "ray/_private/worker.py", line 1055, in get_objects',
+    "ray.exceptions.ActorUnavailableError: The actor fece is unavailable: The actor is temporarily unavailable",
+]
+
+
+def test_serves_recovery_from_a_lost_node_goes_to_the_log_file_and_a_real_error_still_shows(caplog):
+    printed = []
+    printer = LevelFilteredPrinter(printed.append, logging.WARNING, logging.ERROR)
+    with caplog.at_level(logging.INFO, logger="factory.recoveries"):
+        printer({"pid": 2195, "actor_name": "ServeController", "lines": LOST_NODE[:7]})
+        # The record's traceback comes in the next batch of the same process: still the recovery's.
+        printer({"pid": 2195, "actor_name": "ServeController", "lines": [
+            *LOST_NODE[7:], " Attempting to recover 1 lost objects by resubmitting their tasks."]})
+        printer({"pid": 2195, "lines": ["ERROR 2026-12-07 12:55:00,000 controller 2195 -- Exception in replica "
+                                        "constructor:", "Traceback (most recent call last):", "ValueError: bad"]})
+    assert [line for batch in printed for line in batch["lines"]] == [
+        "ERROR 2026-12-07 12:55:00,000 controller 2195 -- Exception in replica constructor:",
+        "Traceback (most recent call last):", "ValueError: bad"]
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert all(line in logged for line in LOST_NODE) and "lost objects" in logged
+    assert all(record.levelno == logging.INFO for record in caplog.records)  # the file, never the console
+
+
 def test_workers_get_the_setup_hook_and_the_drivers_settings(monkeypatch):
-    from factory.jobs import cluster
-    from factory.jobs.cluster import _worker_runtime_env
+    from factory.jobs.cluster import connection as cluster
+    from factory.jobs.cluster.connection import _worker_runtime_env
 
     for key in getattr(cluster, "FORWARDED_ENV", ()):
         monkeypatch.delenv(key, raising=False)

@@ -13,8 +13,8 @@ import pytest
 
 from factory.errors import InputError
 from factory.io.storage import Storage, join
-from factory.jobs import manifests
-from factory.jobs.manifests import (
+from factory.jobs.sources.manifests import files as manifests
+from factory.jobs.sources.manifests.files import (
     ManifestRecord,
     Reject,
     detect_format,

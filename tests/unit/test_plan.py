@@ -11,8 +11,8 @@ import pytest
 
 from factory.errors import ConfigError
 from factory.io.storage import Storage
-from factory.jobs.manifests import iter_manifest_records, iter_range_records
-from factory.jobs.plan import build_plan, load_or_build_plan
+from factory.jobs.sources.manifests.files import iter_manifest_records, iter_range_records
+from factory.jobs.sources.manifests.plan import build_plan, load_or_build_plan
 
 
 def read_chunks(plan, storage):

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from factory.errors import ModelError
 from factory.io.storage import Storage
-from factory.jobs.reuse import reuse_context
+from factory.jobs.sources.manifests.reuse import reuse_context
 from factory.jobs.spec import JobSpec, pin_models
 from factory.model import generator, vlm
 from factory.model.profiles import GeneratorProfile, get_profile, with_revisions

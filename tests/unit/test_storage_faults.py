@@ -7,7 +7,7 @@ import pytest
 
 from factory.errors import StorageUnavailable
 from factory.io.storage import Storage
-from factory.jobs.commit import publish
+from factory.jobs.engine.commit import publish
 from tests.faultproxy import fault_proxy
 from tests.s3server import new_bucket
 

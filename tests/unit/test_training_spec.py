@@ -48,19 +48,30 @@ def test_a_bad_spec_is_one_line_naming_the_field(tmp_path, overrides, message):
     assert "\n" not in str(caught.value) and str(caught.value).startswith(str(tmp_path / "train.yaml"))
 
 
-def test_the_cli_refuses_a_bad_spec_or_an_impossible_lora_before_ray_starts(tmp_path, tiny_path):
+def test_the_cli_refuses_a_bad_spec_or_an_impossible_rank_in_one_line(tmp_path, tiny_path):
     bad = write_train_spec(tmp_path / "bad.yaml", ["data"], tmp_path / "out", options={"steps": 0})
-    cases = [(bad, "options.steps: Input should be greater than or equal to 1")]
-    for index, (options, named) in enumerate((({"target_modules": ["to_q", "attn"]}, "'attn' is not a Linear"),
-                                              ({"rank": 100}, "options.rank: 100 is more than"))):
-        cases.append((write_train_spec(tmp_path / f"{index}.yaml", ["data"], tmp_path / "out", options=options), named))
-    cases.append((write_train_spec(tmp_path / "gone.yaml", ["gone"], tmp_path / "out"),
-                  f"archive source {tmp_path / 'gone'}: no such file or folder"))
-    for spec, named in cases:
+    big = write_train_spec(tmp_path / "big.yaml", ["data"], tmp_path / "out", options={"rank": 100})
+    for spec, named in ((bad, "options.steps: Input should be greater than or equal to 1"),
+                        (big, "options.rank: 100 is more than this profile's transformer can hold in ")):
         done = factory("train", str(spec))
         assert done.returncode == 2 and named in done.stderr, done.stderr
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
-    assert not (tmp_path / "out").exists()  # refused before the run was opened
+
+
+@pytest.mark.parametrize(("sources", "options", "message"), [
+    (["data"], {"target_modules": ["to_q", "attn"]}, r"options\.target_modules: 'attn' is not a Linear layer"),
+    (["gone"], {}, r"archive source .*gone: no such file or folder"),
+])
+def test_a_bad_target_or_source_is_refused_before_ray_starts_or_the_run_opens(tmp_path, tiny_path, sources,
+                                                                               options, message):
+    import ray
+
+    from factory.jobs.training.run import run_training
+
+    spec = load_train_spec(write_train_spec(tmp_path / "train.yaml", sources, tmp_path / "out", options=options))
+    with pytest.raises(ConfigError, match=message):
+        run_training(spec)
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
 
 
 def _adapter(path, content: bytes = b"weights") -> tuple[str, str]:

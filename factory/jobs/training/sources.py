@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from itertools import groupby
 from typing import Any, Literal
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -235,9 +234,3 @@ def _caption_text(entry: Entry) -> tuple[str, str | None]:
 def _reject(unit: TrainingUnit, name: str, field: str, reason: str) -> dict:
     return {"manifest": unit.uri, "manifest_line": None, "id": f"{unit.source_index}:{name}", "field": field,
             "reason": reason}
-
-
-SAMPLE_SCHEMA = pa.schema([
-    ("id", pa.string()), ("source_uri", pa.string()), ("caption", pa.string()), ("image_sha256", pa.string()),
-    ("bucket_width", pa.int32()), ("bucket_height", pa.int32()), ("pixels", pa.binary()),
-])

@@ -56,6 +56,11 @@ class FactoryStub:
                 request_serializer=factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskRequest.SerializeToString,
                 response_deserializer=factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskResponse.FromString,
                 _registered_method=True)
+        self.Edit = channel.unary_unary(
+                '/factory.v1.Factory/Edit',
+                request_serializer=factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskRequest.SerializeToString,
+                response_deserializer=factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskResponse.FromString,
+                _registered_method=True)
         self.Ready = channel.unary_unary(
                 '/factory.v1.Factory/Ready',
                 request_serializer=factory_dot_routing_dot_proto_dot_factory__api__pb2.ReadyRequest.SerializeToString,
@@ -94,8 +99,15 @@ class FactoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Edit(self, request, context):
+        """POST /v1/edit
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Ready(self, request, context):
-        """GET /readyz (UNAVAILABLE while not ready)
+        """GET /readyz (UNAVAILABLE while not ready), with a key
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +133,11 @@ def add_FactoryServicer_to_server(servicer, server):
             ),
             'Answer': grpc.unary_unary_rpc_method_handler(
                     servicer.Answer,
+                    request_deserializer=factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskRequest.FromString,
+                    response_serializer=factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskResponse.SerializeToString,
+            ),
+            'Edit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Edit,
                     request_deserializer=factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskRequest.FromString,
                     response_serializer=factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskResponse.SerializeToString,
             ),
@@ -236,6 +253,33 @@ class Factory:
             request,
             target,
             '/factory.v1.Factory/Answer',
+            factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskRequest.SerializeToString,
+            factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Edit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/factory.v1.Factory/Edit',
             factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskRequest.SerializeToString,
             factory_dot_routing_dot_proto_dot_factory__api__pb2.TaskResponse.FromString,
             options,

@@ -1,12 +1,11 @@
-"""The validate stage: a chunk's manifest rows become typed requests or rejects, once per run.
+"""The manifests' pre-pass: a chunk's rows become typed requests or rejects, once per run, before the model stage.
 
-A worker reads exactly its chunk's rows, validates each, resolves its task and adapter, checks that its image lies
-under its tenant's input roots (`TenantRoots`), and writes three things under the run's output: the chunk's
-rejects (one part per tenant folder, whose content is a function of the inputs, so a repeat attempt keeps the
-first copy), the accepted requests as typed Arrow columns (what the model stage runs), and a `validated` marker
-with the chunk's counts. It returns the keys (tenant, id, chunk, line) that duplicate detection needs; the keys
-of a chunk an earlier attempt validated come from its staged requests (`staged_keys`), without reading the
-manifest again.
+A worker reads exactly its chunk's rows (a catalog's product rows through its expansion first), validates each,
+resolves its task and adapter, checks that its image lies under its tenant's input roots (`TenantRoots`), and
+writes three things under the run's output: the chunk's rejects (one part per tenant folder, whose content is a
+function of the inputs, so a repeat attempt keeps the first copy), the accepted requests as typed Arrow columns
+(what the model stage runs), and a `validated` marker with the chunk's counts. Repeated ids are found afterwards,
+over every chunk's staged requests at once (`factory.jobs.sources.manifests.duplicates`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
@@ -27,22 +25,30 @@ from factory.errors import InputError
 from factory.io.layout import OutputLayout
 from factory.io.roots import InputRoots, folder_of
 from factory.io.storage import Storage
-from factory.jobs.catalog import CatalogSpec, ExpansionError, Size, checks_of, expand_product
-from factory.jobs.commit import (
-    READING, REQUEST_SCHEMA, STAGED_REQUESTS, VALIDATED, parquet_bytes, publish_rejects, read_parquet_bytes,
-)
-from factory.jobs.dedup import KEY_SCHEMA, DedupIndex, key_table, load_duplicates
-from factory.jobs.faults import failpoint
-from factory.jobs.manifests import ManifestRecord, iter_range_records, validate_record
-from factory.jobs.plan import Chunk
-from factory.jobs.summary import ChunkValidation
+from factory.jobs.engine.commit import parquet_bytes, publish_rejects, read_parquet_bytes
+from factory.jobs.engine.counts import ChunkValidation
+from factory.jobs.engine.faults import failpoint
+from factory.jobs.sources.manifests.catalog import CatalogExpansion, ExpansionError
+from factory.jobs.sources.manifests.files import ManifestRecord, iter_range_records, validate_record
+from factory.jobs.sources.manifests.plan import Chunk
+from factory.jobs.spec import CatalogSpec, Size
 from factory.routing.parser import GenerationDefaults, RequestError, parse_request, with_adapter
 from factory.routing.requests import TaskRequest
 
 log = structlog.get_logger(__name__)
 
 ROWS_REJECTS = "rows"
-DUPLICATE_REJECTS = "duplicates"
+VALIDATED = "validated.json"  # a chunk's marker once validated: its counts
+READING = "reading"  # left by the first attempt to read a chunk's rows
+STAGED_REQUESTS = "requests.parquet"
+
+REQUEST_SCHEMA = pa.schema([
+    ("line", pa.int64()), ("id", pa.string()), ("tenant", pa.string()), ("task", pa.string()),
+    ("prompt", pa.string()), ("question", pa.string()), ("image", pa.string()), ("region", pa.string()),
+    ("adapter", pa.string()), ("seed", pa.int64()), ("steps", pa.int64()), ("width", pa.int64()),
+    ("height", pa.int64()), ("guidance", pa.float64()),
+    ("checks", pa.list_(pa.struct([("name", pa.string()), ("question", pa.string())]))),
+])
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,17 @@ class ValidateContext:
         return self.registry.tenants if self.registry is not None else None
 
     def expected_rows(self, chunk: Chunk) -> int:
-        """The rows a chunk becomes: its lines, or for a catalog chunk the most rows its products expand into
-        (progress counts to this; the rows a product does not expand into are settled with it)."""
+        """The most rows a chunk becomes: its lines, or for a catalog chunk the most rows its products expand into
+        (what the duplicate finder's shards are sized by)."""
         if self.catalog is not None and chunk.source in self.catalog_sources:
             return chunk.rows * self.catalog.rows_per_product()
         return chunk.rows
+
+    def expansion(self, chunk: Chunk) -> CatalogExpansion | None:
+        """The transform a chunk's records go through before validation: the catalog's, for its product files."""
+        if self.catalog is None or chunk.source not in self.catalog_sources:
+            return None
+        return CatalogExpansion(self.catalog, Size(width=self.defaults.width, height=self.defaults.height))
 
 
 class TenantRoots:
@@ -142,12 +154,12 @@ def validate_chunk(ctx: ValidateContext, chunk: Chunk) -> tuple[ChunkValidation,
     rejects: list[dict] = []
     rows_read = 0
     roots = TenantRoots(ctx, chunk.source)
+    expansion = ctx.expansion(chunk)
     try:
-        expand = ctx.catalog is not None and chunk.source in ctx.catalog_sources
         for record in iter_range_records(chunk.source, ctx.storage, chunk.first_line, chunk.last_line,
                                          start=chunk.start, end=chunk.end, columns=chunk.columns):
             rows_read += 1
-            for request, reject in (_expand_one(ctx, record, roots) if expand else
+            for request, reject in (_expand_one(ctx, record, roots, expansion) if expansion is not None else
                                     [_validate_one(ctx, record, roots)]):
                 if reject is not None:
                     rejects.append(reject)
@@ -192,82 +204,26 @@ def _validate_one(ctx: ValidateContext, record: ManifestRecord,
     return request, None
 
 
-def _expand_one(ctx: ValidateContext, record: ManifestRecord,
-                roots: TenantRoots) -> list[tuple[TaskRequest | None, dict | None]]:
+def _expand_one(ctx: ValidateContext, record: ManifestRecord, roots: TenantRoots,
+                expansion: CatalogExpansion) -> list[tuple[TaskRequest | None, dict | None]]:
     """A catalog product: its generation rows, each validated like a manifest row; or one reject naming why."""
-    assert ctx.catalog is not None
     raw = record.raw
     if record.error is not None or not isinstance(raw, dict):
         return [(None, reject_row(ctx.run_id, record.source, record.line, "row", record.error or "no row"))]
-    product = {key: value for key, value in raw.items() if not (isinstance(key, str) and key.startswith("_"))}
-    size = Size(width=ctx.defaults.width, height=ctx.defaults.height)
     try:
-        rows = expand_product(product, ctx.catalog, size)
+        records = expansion.records(record)
     except ExpansionError as error:
         tenant = raw.get("tenant") if isinstance(raw.get("tenant"), str) else None
         sku = raw.get("sku")
         return [(None, reject_row(ctx.run_id, record.source, record.line, error.field, error.reason, raw,
                                   str(sku) if sku is not None else None, tenant))]
-    checks = checks_of(ctx.catalog)
     out: list[tuple[TaskRequest | None, dict | None]] = []
-    for row in rows:
-        request, reject = _validate_one(ctx, ManifestRecord(record.source, record.line, row), roots)
-        if request is not None and checks:
-            request = request.model_copy(update={"checks": tuple(checks)})
-        out.append((request, reject))
+    for row in records:
+        request, reject = _validate_one(ctx, row, roots)
+        out.append((expansion.finish(request) if request is not None else None, reject))
     return out
 
 
 def staged_requests(ctx: ValidateContext, chunk: str) -> pa.Table:
     """The typed requests a chunk's validation staged."""
     return read_parquet_bytes(ctx.storage.read_bytes(ctx.layout.chunk_file(chunk, STAGED_REQUESTS)))
-
-
-def chunk_keys(batch: dict[str, np.ndarray], ctx: ValidateContext) -> pa.Table:
-    """Ray Data UDF over chunk descriptors: validate each chunk, return its keys for duplicate detection."""
-    tables = []
-    for text in batch["chunk"]:
-        chunk = Chunk.model_validate_json(text)
-        stats, staged = validate_chunk(ctx, chunk)
-        if ctx.tally is not None:
-            ctx.tally.add.remote({"validated_rows": chunk.rows, "rows_read": stats.rows_read,
-                                  "rows_read_again": stats.rows_read if stats.read_before else 0})
-        tables.append(key_table(staged["tenant"], staged["id"], staged["line"], ordinal=chunk.ordinal,
-                                shards=ctx.shards))
-    return pa.concat_tables(tables)
-
-
-def staged_keys(batch: pa.Table, ordinals: dict[str, int], shards: int) -> pa.Table:
-    """Ray Data UDF over staged requests read back (tenant, id, line, path): the keys of chunks validated
-    earlier."""
-    tables = []
-    paths = batch["path"]
-    for path in pc.unique(paths).to_pylist():
-        rows = batch.filter(pc.equal(paths, path))
-        tables.append(key_table(rows["tenant"], rows["id"], rows["line"], ordinal=ordinals[path], shards=shards))
-    return pa.concat_tables(tables) if tables else KEY_SCHEMA.empty_table()
-
-
-def write_duplicate_rejects(ctx: ValidateContext, chunk: Chunk, index: DedupIndex) -> ChunkValidation:
-    """The chunk's rows whose id an earlier row of the same tenant owns, as rejects naming that owner (never
-    another tenant's manifest or line); returns them counted."""
-    duplicates = load_duplicates(ctx.storage, ctx.layout, chunk.id, index)
-    if not duplicates:
-        return ChunkValidation(chunk=chunk.id)
-    staged = staged_requests(ctx, chunk.id)
-    lines = pa.array(sorted(duplicates), pa.int64())
-    repeated = staged.filter(pc.is_in(staged["line"], value_set=lines)).sort_by("line")
-    rejects = []
-    for row in repeated.to_pylist():
-        fields = {k: v for k, v in row.items() if k != "line" and v is not None}
-        rejects.append(reject_row(ctx.run_id, chunk.source, row["line"], "id",
-                                  f"duplicate id {row['id']!r} (first at {duplicates[row['line']][1]})",
-                                  fields, row["id"], row["tenant"]))
-    publish_rejects(ctx.storage, ctx.layout, rejects, chunk.id, DUPLICATE_REJECTS, known=ctx.known_tenants)
-    return count_requests(chunk.id, repeated)
-
-
-def duplicate_rejects(batch: dict[str, np.ndarray], ctx: ValidateContext, index: DedupIndex) -> dict[str, np.ndarray]:
-    """Ray Data UDF over the chunks that have duplicates: their rejects, and what they take away from the counts."""
-    removed = [write_duplicate_rejects(ctx, Chunk.model_validate_json(text), index) for text in batch["chunk"]]
-    return {"removed": np.array([item.model_dump_json() for item in removed], dtype=object)}

@@ -1,19 +1,34 @@
-"""The tables a person reads at the end of a run or a validation."""
+"""What a person reads at the end of a run or a validation: one table and one line.
+
+The line tells the run's counts as one story (see `factory.jobs.report.summary`): input rows, the rows they
+became, those rejected before the model and those that ran, by status; the table shows the rows that ran, by
+tenant.
+"""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 
-from factory.jobs.summary import RunSummary, ValidationSummary
+from factory.jobs.report.summary import RunSummary, ValidationSummary
 
 STATUSES = ("ok", "blocked", "rejected", "failed")
+
+
+def counts_line(summary: RunSummary) -> str:
+    """`39 input rows became 43 rows: 10 rejected before the model, 33 ran (31 ok, 1 blocked, 1 rejected,
+    0 failed)`; "became" only when the rows are not the input rows one for one."""
+    rows = summary.rows + summary.rejects
+    became = "" if summary.input_rows == rows else f" became {rows} rows"
+    statuses = ", ".join(f"{summary.by_status.get(status, 0)} {status}" for status in STATUSES)
+    return (f"{summary.input_rows} input rows{became}: {summary.rejects} rejected before the model, "
+            f"{summary.rows} ran ({statuses})")
 
 
 def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     console = console or Console(stderr=False)
     table = Table(title=f"{summary.job} / {summary.run_id}", show_footer=True)
-    table.add_column("tenant", footer="all")
+    table.add_column("tenant", footer="ran")
     for status in STATUSES:
         table.add_column(status, justify="right", footer=str(summary.by_status.get(status, 0)))
     table.add_column("images", justify="right", footer=str(summary.images))
@@ -26,8 +41,8 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     started = f", replicas ready after {summary.replica_start_seconds:.1f} s" if summary.replica_start_seconds else ""
     reused = f", {summary.reused} reused from earlier runs" if summary.reused else ""
     console.print(
-        f"{summary.rows} rows, {summary.rejects} rejects, {summary.images} images{reused} in "
-        f"{summary.wall_seconds:.1f} s{started} ({summary.images_per_second:.2f} images/s); output: {summary.output}",
+        f"{counts_line(summary)}; {summary.images} images{reused} in {summary.wall_seconds:.1f} s{started} "
+        f"({summary.images_per_second:.2f} images/s); output: {summary.output}",
         soft_wrap=True,
     )
 
@@ -49,11 +64,13 @@ def print_validation(summary: ValidationSummary, console: Console | None = None)
         if counts:
             console.print(_counts_table(title, counts))
     hours = summary.model_seconds / 3600
+    rows = summary.requests + summary.rejects
+    became = "" if summary.rows == rows else f" became {rows} rows"
     console.print(
-        f"{summary.rows} input rows: {summary.requests} would run, {summary.rejects} rejects ({summary.duplicates} duplicate "
-        f"ids, {summary.unreadable_manifests} unreadable manifests); estimated model time {summary.model_seconds:.0f} s "
-        f"({hours:.2f} h) for {summary.estimate_basis}; validated in {summary.wall_seconds:.1f} s "
-        f"({summary.rows_per_second:.0f} rows/s); counts under {summary.output}, rejects under "
-        f"{summary.output}/rejects/tenant=<tenant>/",
+        f"{summary.rows} input rows{became}: {summary.rejects} rejected before the model ({summary.duplicates} "
+        f"duplicate ids, {summary.unreadable_manifests} unreadable manifests), {summary.requests} would run; "
+        f"estimated model time {summary.model_seconds:.0f} s ({hours:.2f} h) for {summary.estimate_basis}; validated "
+        f"in {summary.wall_seconds:.1f} s ({summary.rows_per_second:.0f} rows/s); counts under {summary.output}, "
+        f"rejects under {summary.output}/rejects/tenant=<tenant>/",
         soft_wrap=True,
     )

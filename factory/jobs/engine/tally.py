@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+from factory.errors import FactoryError
 from factory.jobs.spec import ErrorBudget
 
 RESULT_STATUSES = ("ok", "blocked", "rejected", "failed")
+
+
+class JobStopped(FactoryError):
+    """A worker's view: the run's tally says stop (the error budget ran out); committed rows stay committed."""
+
+
+class JobAborted(FactoryError):
+    """The driver's view: the error budget ran out; what was committed stays committed."""
 
 
 class RunTally:
@@ -33,3 +42,30 @@ class RunTally:
     def snapshot(self) -> tuple[dict[str, int], str | None]:
         return dict(self.counts), self.stopped_reason
 
+
+def start_tally(budget: ErrorBudget | None):
+    """The run's tally actor, on the driver's node: it only adds numbers (no CPU), and it must outlive any other
+    node the run loses (the driver's is one the run cannot lose)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(RunTally).options(num_cpus=0, scheduling_strategy=here).remote(budget)
+
+
+def tally_counts(tally) -> dict[str, int]:
+    import ray
+
+    counts, _ = ray.get(tally.snapshot.remote())
+    return counts
+
+
+def budget_stop(tally, job: str, run_id: str, root: str) -> JobAborted | None:
+    """The error to stop with when the run's tally says the error budget ran out, else None."""
+    import ray
+
+    _, stopped = ray.get(tally.snapshot.remote())
+    if not stopped:
+        return None
+    return JobAborted(f"job {job}: {stopped}; stopped, committed rows are kept under {root} "
+                      f"(re-run with --run-id {run_id} to resume)")

@@ -22,7 +22,7 @@ from PIL import Image
 from factory.errors import InputError
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.commit import read_table
+from factory.jobs.engine.commit import read_table
 
 log = structlog.get_logger(__name__)
 

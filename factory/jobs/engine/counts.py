@@ -1,4 +1,4 @@
-"""Counts of a run, per chunk and in all: what the chunk markers hold and the summaries add up.
+"""What a chunk's markers hold: its counts, as committed (`ChunkStats`) and as validated (`ChunkValidation`).
 
 Every finished chunk leaves a small marker with its counts, so a run's summary is the sum of its markers and a
 resumed run reports every attempt's rows without reading a result back. Nothing here holds a row.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 def _add(counts: dict[str, int], key: str, amount: int = 1) -> None:
@@ -21,9 +21,13 @@ def _merged(left: dict[str, int], right: dict[str, int]) -> dict[str, int]:
 
 
 class TenantSummary(BaseModel):
-    rows: int = 0
-    by_status: dict[str, int] = Field(default_factory=dict)
-    images: int = 0
+    """One tenant's share of a chunk's (or a run's) rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int = Field(default=0, description="Rows that ran")
+    by_status: dict[str, int] = Field(default_factory=dict, description="Those rows by status")
+    images: int = Field(default=0, description="Rows whose image was written (image_uri set)")
     reused: int = Field(default=0, description="Images taken from an earlier run instead of generated")
     compute_seconds: float = Field(default=0.0, description="Model time charged to the tenant (amortised per row)")
 
@@ -38,11 +42,13 @@ class TenantSummary(BaseModel):
 class ChunkStats(BaseModel):
     """What a finished chunk committed, over all attempts: the content of its marker."""
 
-    chunk: str
-    rows: int = 0
-    rejects: int = 0
-    by_status: dict[str, int] = Field(default_factory=dict)
-    tenants: dict[str, TenantSummary] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid")
+
+    chunk: str = Field(description="The chunk's id")
+    rows: int = Field(default=0, description="Rows that ran (its result rows)")
+    rejects: int = Field(default=0, description="Its rows rejected before the model stage")
+    by_status: dict[str, int] = Field(default_factory=dict, description="Rows that ran, by status")
+    tenants: dict[str, TenantSummary] = Field(default_factory=dict, description="Rows that ran, by tenant")
 
     def add_result(self, tenant: str, status: str, has_image: bool, latency_ms: float | None,
                    reused: bool = False) -> None:
@@ -68,65 +74,20 @@ class ChunkStats(BaseModel):
             self.tenants.setdefault(name, TenantSummary()).merge(tenant)
 
 
-class RunSummary(BaseModel):
-    job: str
-    run_id: str
-    output: str
-    rows: int
-    rejects: int
-    by_status: dict[str, int]
-    tenants: dict[str, TenantSummary]
-    images: int
-    reused: int = Field(default=0, description="Of the images, those reused from an earlier run")
-    model_rows: int = Field(default=0, description="Rows this attempt sent to the model replicas")
-    chunks: int
-    rows_read: int = Field(description="Manifest rows this attempt read (a resumed run reads only unfinished chunks)")
-    rows_read_again: int = Field(default=0, description="Of those, rows of chunks an earlier attempt had started")
-    wall_seconds: float
-    replica_start_seconds: float = Field(
-        default=0.0, description="Of the wall time, deploying the replicas until ready (load, compile, warm-up)"
-    )
-    images_per_second: float
-    rows_per_second: float
-
-
-def summarize_run(markers: Iterable[ChunkStats], *, job: str, run_id: str, output: str, plan_rejects: int,
-                  rows_read: int, rows_read_again: int, wall_seconds: float, model_rows: int = 0,
-                  replica_start_seconds: float = 0.0) -> RunSummary:
-    total = ChunkStats(chunk="*")
-    count = 0
-    for marker in markers:
-        total.merge(marker)
-        count += 1
-    tenants = {name: total.tenants[name] for name in sorted(total.tenants)}
-    for tenant in tenants.values():
-        tenant.compute_seconds = round(tenant.compute_seconds, 3)
-    images = sum(tenant.images for tenant in tenants.values())
-    # Rates leave out starting the replicas (model load, compile warm-up): a property of the fleet, not the run.
-    wall = max(wall_seconds - replica_start_seconds, 1e-9)
-    return RunSummary(
-        job=job, run_id=run_id, output=output, rows=total.rows, rejects=total.rejects + plan_rejects,
-        by_status=total.by_status, tenants=tenants, images=images, chunks=count, rows_read=rows_read,
-        reused=sum(tenant.reused for tenant in tenants.values()), model_rows=model_rows,
-        rows_read_again=rows_read_again,
-        wall_seconds=round(wall_seconds, 2), replica_start_seconds=round(replica_start_seconds, 2),
-        images_per_second=round(images / wall, 3),
-        rows_per_second=round(total.rows / wall, 3),
-    )
-
-
 class ChunkValidation(BaseModel):
     """What validating one chunk found: the content of its `validated` marker."""
 
-    chunk: str
-    rows_read: int = 0
-    requests: int = 0
-    rejects: int = 0
-    duplicates: int = 0
-    tenants: dict[str, int] = Field(default_factory=dict)
-    tasks: dict[str, int] = Field(default_factory=dict)
-    adapters: dict[str, int] = Field(default_factory=dict)
-    reject_fields: dict[str, int] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid")
+
+    chunk: str = Field(description="The chunk's id ('*' for a sum over chunks)")
+    rows_read: int = Field(default=0, description="Input rows read (manifest lines, catalog products)")
+    requests: int = Field(default=0, description="Rows that would run: valid, and (once found) not repeated ids")
+    rejects: int = Field(default=0, description="Rows rejected by validation")
+    duplicates: int = Field(default=0, description="Rows rejected as a repeated id of their tenant")
+    tenants: dict[str, int] = Field(default_factory=dict, description="Requests by tenant")
+    tasks: dict[str, int] = Field(default_factory=dict, description="Requests by task")
+    adapters: dict[str, int] = Field(default_factory=dict, description="Requests by adapter ('base': none)")
+    reject_fields: dict[str, int] = Field(default_factory=dict, description="Rejects by the field that failed")
     reject_tenants: dict[str, int] = Field(
         default_factory=dict, description="Rejects (duplicates included) by the tenant folder they went to "
         "(rejects/tenant=<t>/; _unknown for rows of no known tenant)",
@@ -159,28 +120,3 @@ class ChunkValidation(BaseModel):
         self.reject_fields = _merged(self.reject_fields, other.reject_fields)
         self.reject_tenants = _merged(self.reject_tenants, other.reject_tenants)
         self.generate_step_megapixels += other.generate_step_megapixels
-
-
-class ValidationSummary(BaseModel):
-    job: str
-    run_id: str
-    output: str
-    rows: int = Field(description="Rows in the manifests")
-    requests: int = Field(description="Rows that would run (valid, not duplicates)")
-    rejects: int
-    duplicates: int
-    unreadable_manifests: int
-    tenants: dict[str, int]
-    tasks: dict[str, int]
-    adapters: dict[str, int]
-    reject_fields: dict[str, int]
-    reject_tenants: dict[str, int] = Field(
-        default_factory=dict, description="Rejects by tenant folder (rejects/tenant=<t>/), duplicates and "
-        "unreadable manifests (_unknown) included",
-    )
-    model_seconds: float = Field(description="Estimated model time for the requests, from the profile's figures")
-    estimate_basis: str
-    rows_read: int
-    rows_read_again: int = Field(default=0, description="Of rows_read, rows of chunks an earlier attempt had started")
-    wall_seconds: float
-    rows_per_second: float

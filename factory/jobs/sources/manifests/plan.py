@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from factory.errors import ConfigError, FactoryError, InputError
 from factory.io.storage import Storage
-from factory.jobs.manifests import MAX_LINE_BYTES, Format, detect_format, header_problem
+from factory.jobs.sources.manifests.files import MAX_LINE_BYTES, Format, detect_format, header_problem
 
 log = structlog.get_logger(__name__)
 

@@ -6,6 +6,10 @@ Products are planned and read in chunks like manifest rows; each product expands
 its rows. A row's id is `<sku>-<region>-<width>x<height>-v<variant>` and its seed a digest of tenant and id, so
 both are stable from night to night; its region picks the tenant's style adapter from the tenants registry.
 
+The catalog is a transform over manifest records, not a source of its own: its product files are planned and
+read as manifests are, and `CatalogExpansion` turns each product record into the records of its rows, which are
+then validated like any manifest row.
+
 Templates are `str.format` fields naming product fields, the region's `fields`, and `{region}`, `{locale}`,
 `{style}`; only plain names are allowed (no attribute or index access), and a product that lacks a field its
 region's template needs is rejected with the field named. Optional `checks` ask the VLM about every generated
@@ -15,109 +19,11 @@ image (a question, or a caption) through the same replica call; answers land in 
 from __future__ import annotations
 
 import hashlib
-import string
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from factory.routing.requests import MAX_PROMPT_CHARS, MAX_SIDE, MIN_SIDE, ImageCheck
-
-_NAME = r"^[a-z][a-z0-9_]{0,63}$"
-RESERVED_FIELDS = frozenset({"region", "locale", "style"})
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Size(_Section):
-    width: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
-    height: int = Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
-
-
-def template_fields(template: str) -> list[str]:
-    """The field names a template uses; refuses anything but plain names (attribute or index access, formats)."""
-    names = []
-    for _, name, spec, conversion in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if not name.isidentifier():
-            raise ValueError(f"template field {{{name}}} must be a plain name (letters, digits, '_')")
-        if spec or conversion:
-            raise ValueError(f"template field {{{name}}} takes no format spec or conversion")
-        names.append(name)
-    return names
-
-
-class RegionSpec(_Section):
-    template: str | None = Field(default=None, description="Prompt template (default: the catalog's template)")
-    locale: str = Field(default="", max_length=32, description="Locale tag, available to templates as {locale}")
-    style: str = Field(default="", max_length=500, description="Style words, available as {style}")
-    fields: dict[str, str] = Field(default_factory=dict, description="Region wording, available by name")
-    sizes: list[Size] | None = Field(default=None, min_length=1, description="Sizes (default: the catalog's)")
-
-    @field_validator("template")
-    @classmethod
-    def _plain_fields(cls, value: str | None) -> str | None:
-        if value is not None:
-            template_fields(value)
-        return value
-
-
-class CheckSpec(_Section):
-    """A question about, or a caption of, every generated image, asked of the VLM in the same replica call."""
-
-    name: str = Field(pattern=_NAME, description="Key of the answer in the result's `checks` column")
-    question: str | None = Field(default=None, min_length=1, max_length=500)
-    caption: bool = Field(default=False, description="Caption the image instead of asking a question")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> CheckSpec:
-        if (self.question is None) == (not self.caption):
-            raise ValueError("a check has either a question or caption: true")
-        return self
-
-
-class CatalogSpec(_Section):
-    products: list[str] = Field(min_length=1, description="Product files (JSONL, CSV, Parquet; local or s3://)")
-    regions: dict[str, RegionSpec] = Field(min_length=1, description="Target regions by name")
-    template: str = Field(
-        default="{name}, {style}", description="Prompt template for regions without their own"
-    )
-    sizes: list[Size] = Field(default_factory=list, description="Sizes (default: the job's width and height)")
-    variants: int = Field(default=1, ge=1, le=16, description="Images per sku, region and size (seeds differ)")
-    regions_field: str = Field(
-        default="regions", description="Product field listing the regions a product is sold in (a list or a "
-        "comma-separated string); a product without it goes to every region"
-    )
-    checks: list[CheckSpec] = Field(default_factory=list, description="Questions or captions per generated image")
-
-    @field_validator("template")
-    @classmethod
-    def _plain_fields(cls, value: str) -> str:
-        template_fields(value)
-        return value
-
-    @field_validator("regions")
-    @classmethod
-    def _region_names(cls, value: dict[str, RegionSpec]) -> dict[str, RegionSpec]:
-        for name in value:
-            if not name or len(name) > 64 or not all(c.isalnum() or c in "-_" for c in name):
-                raise ValueError(f"region name {name!r} must be letters, digits, '-' or '_' (at most 64)")
-        return value
-
-    @field_validator("checks")
-    @classmethod
-    def _unique_checks(cls, value: list[CheckSpec]) -> list[CheckSpec]:
-        names = [check.name for check in value]
-        if len(names) != len(set(names)):
-            raise ValueError("check names must be unique")
-        return value
-
-    def rows_per_product(self) -> int:
-        """The most rows one product can expand into (for progress totals and shard counts)."""
-        return sum(len(region.sizes or self.sizes or [None]) for region in self.regions.values()) * self.variants
-
+from factory.jobs.sources.manifests.files import ManifestRecord
+from factory.jobs.spec import CatalogSpec, Size, template_fields
+from factory.routing.requests import MAX_PROMPT_CHARS, ImageCheck, TaskRequest
 
 class ExpansionError(ValueError):
     def __init__(self, field: str, reason: str):
@@ -165,6 +71,28 @@ def expand_product(product: dict[str, Any], catalog: CatalogSpec, default_size: 
 
 def checks_of(catalog: CatalogSpec) -> list[ImageCheck]:
     return [ImageCheck(name=check.name, question=check.question) for check in catalog.checks]
+
+
+class CatalogExpansion:
+    """The transform a product file's records go through before validation: one product record in, the records
+    of its generation rows out (same file and line); after validation, each request gets the catalog's checks."""
+
+    def __init__(self, catalog: CatalogSpec, default_size: Size):
+        self.catalog = catalog
+        self.default_size = default_size
+        self.checks = tuple(checks_of(catalog))
+
+    def records(self, record: ManifestRecord) -> list[ManifestRecord]:
+        """The product's rows as manifest records; raises ExpansionError naming the field that stops it."""
+        raw = record.raw
+        assert raw is not None
+        product = {key: value for key, value in raw.items() if not (isinstance(key, str) and key.startswith("_"))}
+        rows = expand_product(product, self.catalog, self.default_size)
+        return [ManifestRecord(record.source, record.line, row) for row in rows]
+
+    def finish(self, request: TaskRequest) -> TaskRequest:
+        """A validated row's request, with the questions the catalog asks of every generated image."""
+        return request.model_copy(update={"checks": self.checks}) if self.checks else request
 
 
 def _regions_of(product: dict[str, Any], catalog: CatalogSpec, sku: str) -> list[str]:

@@ -29,6 +29,7 @@ the run is then stopped through its error budget.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -61,10 +62,15 @@ def write_photos(folder: Path, count: int, size: tuple[int, int] = (2048, 1536))
     for index in range(count):
         image = bases[index % len(bases)]
         variant = ImageOps.mirror(image) if (index // len(bases)) % 2 else image
-        # A distinct image each (no exact duplicates): a small mark in a corner.
+        # A distinct file each, or the run's duplicate claims would copy one caption and skip the model: a
+        # one-pixel mark can vanish in JPEG quantisation, a 16x16 block on the 8x8 grid cannot.
         variant = variant.copy()
-        variant.putpixel((index % size[0], 0), (index % 256, (index // 256) % 256, 7))
+        corner = ((index * 16) % (size[0] - 16), 16 * ((index * 16) // (size[0] - 16)))
+        variant.paste((index % 256, (index // 256) % 256, 255 - index % 256), corner + (corner[0] + 16, corner[1] + 16))
         variant.save(folder / f"photo-{index:06d}.jpg", quality=88)
+    digests = {hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.glob("photo-*.jpg")}
+    if len(digests) != count:
+        raise SystemExit(f"bench photos: {count - len(digests)} of {count} files came out byte-identical")
 
 
 def write_tiny_bmps(folder: Path, count: int) -> None:

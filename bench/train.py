@@ -7,19 +7,20 @@ training step at full FLUX.1-dev size on a GPU.
     python bench/train.py --gpu --json gpu.json    # one H100/H200: FLUX.1-dev-sized transformer, random weights
 
 CPU mode, on the tiny profile, real scikit-image photos with captions:
-- factory: `factory train`'s driver (`run_training`) on a private Ray: stage 1 (Ray Data encodes every image and
-  caption once), stage 2 (Ray Train, one gloo worker of `--cpus-per-worker` CPUs). Its figure is the steady rate
+- factory: `factory train`'s driver (the one run driver, `run_job`, on the spec's job) on a private Ray: the model
+  stage (Ray Data encodes every image and caption once), then Ray Train (one gloo worker of `--cpus-per-worker`
+  CPUs). Its figure is the steady rate
   inside the worker, steps between its first and last checkpoint over the wall time between them: training
   steps, DDP's wrapper, `ray.train.report` and checkpoint writes included; validation is off (base and final
   held-out loss only). The whole command's wall time (Ray start, stage 1, worker start) is printed beside it.
-- bare: this process, no Ray: the same `TrainingSession` on the same cache (read from the factory run's shards),
+- bare: this process, no Ray: the same `TrainingSession` on the same cache (the factory run's latents),
   the same options and seed, as many threads as the worker has, timed over the same steps with no checkpoints:
   the loop one writes by hand. The two must end on the same losses (printed), or the ratio compares other work.
 - encoding every step: the bare loop again, but each step first runs the VAE and the text encoders on its batch's
   images and captions (`TrainingEncoders`, as a trainer without a cache does); the ratio to the bare loop is
   what the cache saves.
-- runs alternate (factory, bare, factory again from its cache with its checkpoints removed, bare...) and the
-  medians are compared, so both see the same load on a shared machine.
+- runs alternate (factory, bare, factory again from its latents with its checkpoints and report removed, bare...)
+  and the medians are compared, so both see the same load on a shared machine.
 - peak memory: RSS summed over this process and every Ray process it started, sampled while `factory train`
   runs; this process's own peak RSS (the driver and the bare loop).
 
@@ -57,8 +58,9 @@ def cpu_bench(args: argparse.Namespace) -> dict:
     import torch
 
     from factory.io.storage import Storage
-    from factory.jobs.training.encode import read_cache
-    from factory.jobs.training.run import run_training
+    from factory.jobs.run import run_job
+    from factory.jobs.training.latents import read_latents
+    from factory.jobs.training.layout import TrainingLayout
     from factory.jobs.training.spec import load_train_spec
     from factory.model.training.loop import Progress
     from tests.training import PHOTOS, captioned_folder, write_train_spec
@@ -79,24 +81,24 @@ def cpu_bench(args: argparse.Namespace) -> dict:
     torch.set_num_threads(max(1, int(args.cpus_per_worker)))  # the bare loop gets the threads the worker gets
     factory_rates, factory_walls, bare_rates, peaks = [], [], [], []
     for repeat in range(args.repeats):
-        if repeat:  # the same run again from its cache: its checkpoints removed, so it trains from step 0
-            shutil.rmtree(Path(outcome.layout.root) / "checkpoints")
+        if repeat:  # the same run again from its latents: its checkpoints and report removed, so it trains from 0
+            shutil.rmtree(Path(root) / "checkpoints")
+            Path(TrainingLayout(root).report).unlink()
         started = time.perf_counter()
         with PeakTreeRss() as peak:
-            outcome = run_training(spec)
+            root = run_job(spec.job(), run_id=spec.resolved_run_id, show_progress=False).output
         factory_walls.append(time.perf_counter() - started)
         peaks.append(peak.peak)
-        final = Path(outcome.layout.root) / "checkpoints" / f"step-{args.steps:06d}" / "progress.json"
+        final = Path(root) / "checkpoints" / f"step-{args.steps:06d}" / "progress.json"
         progress = Progress.from_json(json.loads(final.read_text()))
         first, last = min(progress.saved_at), max(progress.saved_at)
         factory_rates.append((last - first) / (progress.saved_at[last] - progress.saved_at[first]))
-        shards = json.loads(Path(outcome.layout.cache_manifest).read_text())["shards"]
-        rate, bare_losses = bare_loop(spec, shards, first, last, encode=False)
+        rate, bare_losses = bare_loop(spec, root, first, last, encode=False)
         bare_rates.append(rate)
         same = bare_losses == progress.losses[first:last]
         print(f"  run {repeat}: factory {factory_rates[-1]:.2f} steps/s (whole command {factory_walls[-1]:.1f} s), "
               f"bare {rate:.2f} steps/s, same losses: {same}", flush=True)
-    encode_rate, _ = bare_loop(spec, shards, first, min(last, first + max(4, (last - first) // 4)), encode=True)
+    encode_rate, _ = bare_loop(spec, root, first, min(last, first + max(4, (last - first) // 4)), encode=True)
     factory_rate, bare_rate = statistics.median(factory_rates), statistics.median(bare_rates)
     if args.address is None:
         ray.shutdown()
@@ -108,7 +110,7 @@ def cpu_bench(args: argparse.Namespace) -> dict:
         "bare_steps_per_s": round(bare_rate, 3), "encoding_every_step_steps_per_s": round(encode_rate, 3),
         "same_losses": same, "factory_peak_tree_rss_mib": round(max(peaks) / 2**20),
         "bench_process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "cache_rows": read_cache(Storage(), shards, ["id"]).num_rows,
+        "cache_rows": read_latents(Storage(), TrainingLayout(root), ["id"]).num_rows,
     }
     print(json.dumps(figures, indent=2))
     print(f"RATIO factory/bare = {factory_rate / bare_rate:.2f} (steps/s, steady, medians; losses identical: {same})")
@@ -116,10 +118,11 @@ def cpu_bench(args: argparse.Namespace) -> dict:
     return figures
 
 
-def bare_loop(spec, shards: str, first: int, last: int, *, encode: bool) -> tuple[float, list[float]]:
+def bare_loop(spec, root: str, first: int, last: int, *, encode: bool) -> tuple[float, list[float]]:
     """Steps first..last of the spec's run in this process; with `encode`, each step encodes its batch first."""
     from factory.io.storage import Storage
-    from factory.jobs.training.encode import read_cache
+    from factory.jobs.training.latents import read_latents
+    from factory.jobs.training.layout import TrainingLayout
     from factory.model.profiles import get_profile
     from factory.model.stack import resolve_sources
     from factory.model.training.cache import read_samples
@@ -129,7 +132,7 @@ def bare_loop(spec, shards: str, first: int, last: int, *, encode: bool) -> tupl
 
     profile = get_profile(spec.profile)
     source, _, _ = resolve_sources(profile)
-    samples = read_samples(read_cache(Storage(), shards))
+    samples = read_samples(read_latents(Storage(), TrainingLayout(root)))
     train, held = split_held_out(samples, spec.options.held_out_fraction)
     session = TrainingSession.load(source, profile.generator, spec.options, TrainingData(train, held))
     encoders = TrainingEncoders.from_pretrained(source, profile.generator) if encode else None
@@ -147,21 +150,25 @@ def bare_loop(spec, shards: str, first: int, last: int, *, encode: bool) -> tupl
 
 
 def _bucket_images(spec, ids: set[str]) -> dict:
-    """The training images as stage 1 hands them to the encoders (decoded, bucketed), by sample id."""
-    from PIL import Image
+    """The training images as the model stage hands them to the encoders (decoded, bucketed), by sample id."""
+    import pyarrow as pa
 
+    from factory.io.layout import OutputLayout
     from factory.io.storage import Storage
-    from factory.jobs.training.encode import buckets_of
-    from factory.jobs.training.sources import UnitReader, plan_units
+    from factory.jobs.engine.source import RunContext
+    from factory.jobs.sources.training.listing import plan_chunks
+    from factory.jobs.sources.training.reader import TrainingReader
+    from factory.jobs.training.spec import buckets_of
 
     storage = Storage()
-    reader = UnitReader(storage, buckets_of(spec))
+    run = RunContext(job="bench", run_id="bench", layout=OutputLayout(spec.output), storage=storage)
+    reader = TrainingReader(run, spec.tenant, buckets_of(spec.job()))
+    nothing_committed = pa.table({"id": pa.array([], pa.string())})
     images = {}
-    for unit in plan_units(spec.sources, storage, 1000):
-        for row in reader.read(unit)[0]:
-            if row["id"] in ids:
-                images[row["id"]] = Image.frombytes("RGB", (row["bucket_width"], row["bucket_height"]),
-                                                    row["pixels"])
+    for chunk in plan_chunks(spec.sources, storage, 1000).chunks:
+        for item in reader.open(chunk).items(nothing_committed):
+            if item.row is None and item.row_id in ids:
+                images[item.row_id] = item.data.image()
     return images
 
 

@@ -147,6 +147,8 @@ def run(
     spec = load_spec(spec_path, overrides or [])
     summary = run_job(spec, run_id=_checked_run_id(run_id), address=address, retry_failed=retry_failed)
     print_summary(summary)
+    if spec.train is not None:
+        _print_training(summary)
 
 
 @app.command()
@@ -220,14 +222,55 @@ def report(
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="HTML file to write (default: OUTPUT/report.html)")] = None,
     per_group: Annotated[int, typer.Option(min=1, help="Cards per tenant and region; the rest are counted")] = 60,
 ):
-    """Write a run's static HTML gallery: thumbnails by tenant and region, captions, answers, verdicts, counts."""
+    """Write a run's static HTML gallery: thumbnails by tenant and region, captions, answers, verdicts, counts; for
+    a training run, its validation images per checkpoint beside the base model's, and its loss curve."""
     from factory.io.storage import join
     from factory.jobs.report.gallery import write_gallery
+    from factory.jobs.report.training import is_training_run, write_training_page
 
     _configure_logging()
     destination = out or join(output, "report.html")
+    if is_training_run(output):
+        page = write_training_page(output, destination)
+        typer.echo(f"{destination}: {page.images} validation images at {page.checkpoints} checkpoints (base "
+                   f"model's included), loss curve, {page.rejects} rejects")
+        return
     stats = write_gallery(output, destination, per_group=per_group)
     typer.echo(f"{destination}: {stats.rows} rows, {stats.thumbnails} thumbnails in {stats.groups} groups")
+
+
+@app.command("eval")
+@one_line_errors
+def evaluate(
+    results: Annotated[str, typer.Argument(metavar="RESULTS", help="A run folder (OUTPUT/<run id>) or its results/, "
+                                           "local or s3://")],
+    against: Annotated[Optional[str], typer.Option("--against", metavar="RUN", help="Compare with this run's "
+                                                   "results on the same rows (paired by tenant and id)")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Profile whose CLIP model scores images "
+                                                   "(default: the one the results name)")] = None,
+    clip: Annotated[str, typer.Option(help="Score images with CLIP: 'missing' (those without a clip_score), 'all' "
+                                      "(one CLIP model for both sides of a comparison), or 'none'")] = "missing",
+    resamples: Annotated[int, typer.Option(min=10, help="Bootstrap resamples per figure")] = 2000,
+    confidence: Annotated[float, typer.Option(min=0.5, max=0.999, help="Interval coverage")] = 0.95,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the resampling")] = 0,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Also write the evaluation as JSON here")] = None,
+):
+    """Score a run's results after the fact (VQA accuracy, BLEU, CIDEr-D, CLIPScore), or compare two runs."""
+    from factory.io.storage import Storage
+    from factory.jobs.report.evaluate import evaluation_lines, evaluate as evaluate_results
+    from factory.quality.groups import BootstrapOptions
+
+    if clip not in ("missing", "all", "none"):
+        raise FactoryError(f"--clip: expected missing, all or none, got {clip!r}")
+    _configure_logging()
+    storage = Storage()
+    evaluation = evaluate_results(results, against=against, profile=profile, clip=clip, storage=storage,
+                                  bootstrap=BootstrapOptions(resamples=resamples, confidence=confidence, seed=seed))
+    for line in evaluation_lines(evaluation):
+        typer.echo(line)
+    if out:
+        storage.write_bytes(out, evaluation.model_dump_json(indent=2).encode())
+        typer.echo(f"{out}: written")
 
 
 @app.command("serve")
@@ -366,14 +409,25 @@ def train(
     address: Annotated[Optional[str], typer.Option(help="Ray address to join (default: $RAY_ADDRESS or local)")] = None,
 ):
     """Train a tenant's style adapter (LoRA) from captioned images on Ray Train; the same run id resumes."""
-    from factory.jobs.training.run import outcome_lines, run_training
+    from factory.jobs.report.tables import print_summary
+    from factory.jobs.run import run_job
     from factory.jobs.training.spec import load_train_spec
 
     _configure_logging()
     spec = load_train_spec(spec_path)
-    if run_id is not None:
-        spec = spec.model_copy(update={"run_id": _checked_run_id(run_id)})
-    for line in outcome_lines(run_training(spec, address=address, register=register)):
+    if register:
+        spec = spec.model_copy(update={"add_to_registry": True})
+    summary = run_job(spec.job(), run_id=_checked_run_id(run_id) or spec.resolved_run_id, address=address)
+    print_summary(summary)
+    _print_training(summary)
+
+
+def _print_training(summary) -> None:
+    """What a training run made: its adapter, its losses, its report."""
+    from factory.io.storage import Storage
+    from factory.jobs.training.fit import read_report, report_lines
+
+    for line in report_lines(read_report(Storage(), summary.output), summary.output):
         typer.echo(line)
 
 

@@ -87,14 +87,30 @@ def captioned_tar(path: Path, photos: tuple[str, ...]) -> dict[str, str]:
     return captions
 
 
-def write_train_spec(path: Path, sources: list[str], output: Path, **overrides) -> Path:
-    """A spec for the tiny profile: 64x64, rank 4, a few steps; `overrides` replace top-level keys, and
-    `options` entries are merged into the defaults here."""
-    options = {"rank": 4, "steps": 24, "batch_size": 4, "learning_rate": 0.003, "buckets": [{"width": 64,
-               "height": 64}], "checkpoint_every": 8, "validation_every": 12, "held_out_fraction": 0.2,
-               "validation_images": 2, "seed": 7}
-    options.update(overrides.pop("options", {}))
-    spec = {"tenant": "acme", "region": "eu", "adapter": "eu-style", "sources": sources, "output": str(output),
-            "options": options, **overrides}
+TRAIN_OPTIONS = {"rank": 4, "steps": 24, "batch_size": 4, "learning_rate": 0.003, "buckets": [{"width": 64,
+                 "height": 64}], "checkpoint_every": 8, "validation_every": 12, "held_out_fraction": 0.2,
+                 "validation_images": 2, "seed": 7}
+
+
+def _train_section(sources: list[str], overrides: dict) -> dict:
+    options = {**TRAIN_OPTIONS, **overrides.pop("options", {})}
+    return {"tenant": "acme", "region": "eu", "adapter": "eu-style", "sources": sources, "options": options,
+            **overrides}
+
+
+def write_train_spec(path: Path, sources: list[str], output: Path | str, **overrides) -> Path:
+    """A `factory train` spec for the tiny profile: 64x64, rank 4, a few steps; `overrides` replace top-level keys,
+    and `options` entries are merged into the defaults here."""
+    spec = {**_train_section(sources, overrides), "output": str(output)}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def write_train_job(path: Path, sources: list[str], output: Path | str, tenants: str | None = None,
+                    **overrides) -> Path:
+    """A job spec whose `train:` section is `write_train_spec`'s (same defaults, same `overrides`)."""
+    spec = {"name": "style", "output": str(output), "train": _train_section(sources, overrides)}
+    if tenants is not None:
+        spec["tenants"] = tenants
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

@@ -1,4 +1,5 @@
-"""A run of a job, top to bottom: every source (manifests, a catalog, archives) takes this one road.
+"""A run of a job, top to bottom: every source (manifests, a catalog, archives, a training data set) takes this
+one road.
 
 The driver holds only what is proportional to the number of chunks: the plan, the chunks' states from one
 listing of the run's `_chunks/` folder, and their markers at the end. Rows never reach it: workers validate,
@@ -7,6 +8,7 @@ line and the error budget read. What differs between the kinds of input is the s
 (`factory.jobs.engine.source`); the rest is here, once.
 
     check the job -> join Ray -> plan -> pre-pass (validate, drop repeated ids) -> deploy -> model stage -> summary
+    (-> quality, for a job that scores) -> what the output feeds (a training data set's adapter, trained)
 
 `factory validate` is the road up to the pre-pass, for the sources that have one.
 """
@@ -28,12 +30,15 @@ from factory.jobs.cluster.nodes import NodeWatch
 from factory.jobs.engine.counts import ChunkStats
 from factory.jobs.engine.outputs import stage_rows
 from factory.jobs.engine.resume import chunk_states, read_markers
+from factory.jobs.engine.scores import scoring_clip_model
 from factory.jobs.engine.source import RunContext, Source
 from factory.jobs.engine.tally import JobAborted, start_tally, tally_counts
 from factory.jobs.report.progress import STATUSES, Progress
+from factory.jobs.report.quality import write_quality
 from factory.jobs.report.summary import RunSummary, ValidationSummary, summarize_run
 from factory.jobs.sources.archives.source import ArchiveSource
 from factory.jobs.sources.manifests.source import ManifestSource
+from factory.jobs.sources.training.source import TrainingSource
 from factory.jobs.spec import JobSpec, output_root, pin_models
 
 __all__ = ["JobAborted", "run_job", "validate_job"]
@@ -42,7 +47,10 @@ log = structlog.get_logger(__name__)
 
 
 def source_kind(spec: JobSpec) -> type[Source]:
-    """The kind of source a job reads: archives, or manifests (a catalog's product files among them)."""
+    """The kind of source a job reads: archives, a training data set, or manifests (a catalog's product files
+    among them)."""
+    if spec.train is not None:
+        return TrainingSource
     return ArchiveSource if spec.archive is not None else ManifestSource
 
 
@@ -55,9 +63,10 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
     """Run a job, exactly once per row; a re-run of the same run id resumes it."""
     started = time.monotonic()
     # 1. Check the job: its output must outlive it, and its models are pinned to commits once, so its replicas,
-    #    results and reuse keys all name the same weights.
+    #    results and reuse keys all name the same weights; then what its source can refuse from the spec alone.
     check_durable_output(spec.output)
     spec = pin_models(spec)
+    source_kind(spec).check(spec, output_root(spec, run_id or spec.name))
     retry_failed = spec.retry_failed if retry_failed is None else retry_failed
     # 2. Join Ray: a cluster that lets callers in without a token is refused here, before anything is written.
     connect(address)
@@ -111,7 +120,13 @@ def run_job(spec: JobSpec, run_id: str | None = None, address: str | None = None
         wall_seconds=time.monotonic() - started,
         replica_start_seconds=stage.start_seconds if stage is not None else 0.0,
     )
+    if spec.quality is not None:
+        # A job that scores: what only the whole run gives (group sums, CIDEr-D, intervals), from its results.
+        summary.quality = write_quality(run.storage, run.layout, run.run_id, spec.quality, scoring_clip_model(spec))
     run.storage.write_bytes(run.layout.summary, summary.model_dump_json(indent=2).encode())
+    # 10. What the run's output feeds, once every chunk has its marker (a training data set's latents train its
+    #     adapter on Ray Train); a re-run that finds every chunk done resumes here. _SUCCESS waits for it.
+    source.finish(markers)
     run.storage.write_bytes(run.layout.success, b"")
     log.info("run finished", job=spec.name, run_id=run.run_id, **summary.by_status)
     return summary
@@ -127,8 +142,8 @@ def validate_job(spec: JobSpec, run_id: str | None = None, address: str | None =
     started = time.monotonic()
     if not source_kind(spec).prepass:
         raise FactoryError(f"job {spec.name}: factory validate plans and checks the sources that have a validation "
-                           "pre-pass, manifests and catalogs; an archive job has none (an image is checked as `factory "
-                           "run` reads it, and a bad one is a rejected row naming why)")
+                           "pre-pass, manifests and catalogs; an archive or training job has none (an image is checked "
+                           "as `factory run` reads it, and a bad one is a reject naming why)")
     check_durable_output(spec.output)
     connect(address)
     tally = start_tally(None)
@@ -144,11 +159,14 @@ def validate_job(spec: JobSpec, run_id: str | None = None, address: str | None =
     counts = tally_counts(tally)
     unreadable = source.planned().rejects
     cost = get_profile(spec.profile).cost
-    generated = total.tasks.get("generate", 0)
+    made = total.tasks.get("generate", 0) + total.tasks.get("edit", 0)
     captions, answers = total.tasks.get("caption", 0), total.tasks.get("vqa", 0)
+    # Every made image, caption or answer input and edit reference gets one safety check.
+    checked = made + captions + answers + total.references
     model_seconds = (
-        total.generate_step_megapixels * cost.seconds_per_step_megapixel + captions * cost.seconds_per_caption
-        + answers * cost.seconds_per_answer + (generated + captions + answers) * cost.seconds_per_safety_check
+        (total.generate_step_megapixels + total.edit_step_megapixels) * cost.seconds_per_step_megapixel
+        + captions * cost.seconds_per_caption + answers * cost.seconds_per_answer
+        + checked * cost.seconds_per_safety_check
     )
     wall = time.monotonic() - started
     summary = ValidationSummary(

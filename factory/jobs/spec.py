@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import structlog
 import yaml
@@ -27,11 +27,16 @@ from pydantic_core import PydanticCustomError
 from factory.errors import ConfigError, Loc, one_line, validation_problems
 from factory.io.roots import normalise_root
 from factory.io.storage import join
+from factory.model.clip import pin_clip, scoring_model
+from factory.model.lora.ref import BASE_ADAPTER
 from factory.model.performance import Performance
 from factory.model.profiles import get_profile, with_revisions
 from factory.model.revisions import hub_revisions, pin_revisions
+from factory.model.training.options import TrainOptions
+from factory.quality.groups import BootstrapOptions
 from factory.routing.parser import GenerationDefaults
 from factory.routing.requests import MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE
+from factory.routing.tenants import is_name
 from factory.safety.policy import SafetyPolicy
 
 log = structlog.get_logger(__name__)
@@ -209,6 +214,164 @@ class ArchiveSpec(_Section):
     )
 
 
+# ---- the quality and benchmarks sections (scored by factory.jobs.engine.scores and factory.jobs.report.quality;
+#      benchmark files staged as manifests by factory.jobs.sources.manifests.benchmarks) ---------------------
+
+
+class QualitySpec(_Section):
+    """What a run scores (README "Quality"). With the section, the scores it turns on are result columns, summed
+    per tenant, region and adapter in the summary and written with bootstrap intervals to quality.json; without
+    it nothing is scored and no CLIP model is loaded."""
+
+    clip_score: bool = Field(
+        default=True, description="CLIPScore of every ok generated or edited image against its prompt, in the "
+        "replica that made it, with the profile's quality.clip model (loaded once per replica)"
+    )
+    vqa: bool = Field(default=True, description="VQA accuracy of ok VQA rows that carry `answers`")
+    captions: bool = Field(
+        default=True, description="BLEU-1..4 and CIDEr-D of ok caption rows that carry `references`"
+    )
+    clip_revision: str | None = Field(
+        default=None, description="The CLIP model's hub revision (a commit, branch or tag; unset: the profile's), "
+        "resolved to its commit once when the job starts, like `revisions`"
+    )
+    bootstrap: BootstrapOptions = Field(
+        default_factory=BootstrapOptions, description="How quality.json's confidence intervals are drawn"
+    )
+
+
+class BenchmarkSpec(_Section):
+    """A public benchmark's published files, read as the rows of a manifest: COCO captions (caption rows with their
+    human captions as `references`), VQAv2 questions with their annotations (VQA rows with the ten human
+    `answers`), TextCaps (caption rows with `references`)."""
+
+    format: Literal["coco_captions", "vqav2", "textcaps"] = Field(description="The published layout")
+    annotations: Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)] | None = Field(
+        default=None, description="coco_captions: captions_<split>.json; vqav2: v2_mscoco_<split>_annotations.json "
+        "(unset for a test split: rows without answers); textcaps: TextCaps_0.1_<split>.json. Local or s3://, "
+        "relative to the spec file's folder"
+    )
+    questions: Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)] | None = Field(
+        default=None, description="vqav2: v2_OpenEnded_mscoco_<split>_questions.json"
+    )
+    images: Annotated[str, Field(min_length=1), AfterValidator(_root_from_spec_dir)] = Field(
+        description="The folder (or s3:// prefix) holding the benchmark's images; this entry's rows may read "
+        "images there (an input root for them alone), as the operator names it"
+    )
+    tenant: str = Field(
+        default="eval", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Tenant the rows belong to (results/tenant=<tenant>/)"
+    )
+    file_pattern: str | None = Field(
+        default=None, description="COCO and VQAv2: an image's file name from its id, e.g. '%012d.jpg' for the 2017 "
+        "splits (default: COCO_val2014_%012d.jpg; COCO captions files that name their images are read by name)"
+    )
+    flat: bool = Field(
+        default=False, description="textcaps: images are found by file name alone (TextVQA's flat train_images/)"
+    )
+    limit: int | None = Field(default=None, ge=1, description="Only the first this many rows (a quick evaluation)")
+
+    @model_validator(mode="after")
+    def _files_of_the_format(self) -> BenchmarkSpec:
+        if self.format == "vqav2" and self.questions is None:
+            raise ValueError("questions: required for vqav2 (the questions file)")
+        if self.format != "vqav2" and self.questions is not None:
+            raise ValueError(f"questions: only vqav2 has a questions file, not {self.format}")
+        if self.format != "vqav2" and self.annotations is None:
+            raise ValueError(f"annotations: required for {self.format}")
+        if self.file_pattern is not None and self.format == "textcaps":
+            raise ValueError("file_pattern: textcaps names its images itself")
+        return self
+
+
+# ---- the train section (read by factory.jobs.sources.training, trained by factory.jobs.training) ---------
+
+
+def _name(value: str) -> str:
+    if not is_name(value):
+        raise ValueError(f"{value!r} must be a name of letters, digits, '.', '_' or '-' (not a path)")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_name)]
+
+
+class TrainScaling(_Section):
+    """Ray Train's `ScalingConfig`: data-parallel workers, one per GPU (DDP, NCCL) or per CPU slot (gloo)."""
+
+    workers: int = Field(default=1, ge=1, le=1024, description="Training workers; options.batch_size is split "
+                         "evenly between them")
+    use_gpu: bool | None = Field(default=None, description="One GPU per worker; unset: when the profile runs on "
+                                 "a GPU")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each worker reserves (torch uses as many "
+                                   "threads)")
+
+
+class TrainEncoding(_Section):
+    """The training data set's model stage: Ray Data actors holding only the VAE and text encoders, each image and
+    caption encoded once."""
+
+    actors: int = Field(default=1, ge=1, le=256, description="Encoder actors (each loads the encoders once)")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Images an actor encodes between two reads "
+                            "ahead (each image is encoded on its own: its latents never depend on its neighbours)")
+    chunk_images: int = Field(default=64, ge=1, le=100_000, description="Images (with their captions) per chunk "
+                              "of a folder or prefix: the unit of work, commit and resume; a tar shard or a "
+                              "results file is one chunk")
+
+
+class TrainSection(_Section):
+    """One style adapter for a tenant (and region), trained from captioned images: the run's chunks are those
+    images, encoded once (its model stage), and the adapter is trained on Ray Train from what they became."""
+
+    tenant: Name = Field(description="Tenant the adapter is trained for and registered under")
+    region: Name | None = Field(default=None, description="Region the adapter styles; registered as the tenant's "
+                                "adapter for that region. Unset: registered as the tenant's default adapter")
+    adapter: Name = Field(description="Adapter name in the tenant's registry entry (a name, not a path)")
+    sources: list[Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)]] = Field(
+        min_length=1,
+        description="Captioned images: folders and s3:// prefixes of images with a .txt, .caption or .json "
+        "caption beside each (a `factory caption --sidecars` run's dataset/ folder is one), tar shards in the "
+        "WebDataset layout (brace patterns such as shard-{000..009}.tar), or a caption run's results (a .parquet "
+        "file, or its results/ folder); relative paths are relative to the spec file's folder",
+    )
+    format: Literal["diffusers", "kohya"] = Field(
+        default="diffusers", description="Adapter file layout: diffusers/peft (what diffusers' training scripts "
+        "write) or kohya keys (lora_down/lora_up, read back by diffusers' converter)")
+    add_to_registry: bool = Field(default=False, description="Register the trained adapter in the job's tenants "
+                                  "registry (`tenants`) under the tenant and region, with its sha256 (`factory "
+                                  "train --register`)")
+    options: TrainOptions = Field(default_factory=TrainOptions, description="How the adapter is trained")
+    scaling: TrainScaling = Field(default_factory=TrainScaling, description="Training workers (Ray Train "
+                                  "ScalingConfig)")
+    encoding: TrainEncoding = Field(default_factory=TrainEncoding, description="The encode-once model stage "
+                                    "(Ray Data)")
+
+    @field_validator("adapter")
+    @classmethod
+    def _not_base(cls, value: str) -> str:
+        if value == BASE_ADAPTER:
+            raise ValueError(f"{BASE_ADAPTER!r} is reserved for the base model")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> TrainSection:
+        if self.options.batch_size % self.scaling.workers:
+            raise ValueError(f"options.batch_size: {self.options.batch_size} is not a multiple of scaling.workers "
+                             f"({self.scaling.workers})")
+        return self
+
+
+def check_trainable_profile(name: str) -> None:
+    """Training runs on a FLUX.1 transformer (FluxTransformer2DModel); any other profile is one line."""
+    try:
+        profile = get_profile(name)
+    except ConfigError as error:  # its line names the known profiles
+        raise ValueError(str(error).removeprefix("profile: ")) from None
+    if profile.generator.family != "flux1":
+        raise ValueError(f"profile {name!r} runs {profile.generator.family}; training supports FLUX.1 profiles "
+                         "(FluxTransformer2DModel)")
+
+
 # ---- the catalog section (expanded by factory.jobs.sources.manifests.catalog) -------------------------------
 
 _CHECK_NAME = r"^[a-z][a-z0-9_]{0,63}$"
@@ -239,12 +402,16 @@ def template_fields(template: str) -> list[str]:
 
 class RegionSpec(_CatalogSection):
     template: str | None = Field(default=None, description="Prompt template (default: the catalog's template)")
+    edit_template: str | None = Field(
+        default=None, description="Instruction template for products with a packshot (`image`), which become edit "
+        "rows (default: the catalog's edit_template)"
+    )
     locale: str = Field(default="", max_length=32, description="Locale tag, available to templates as {locale}")
     style: str = Field(default="", max_length=500, description="Style words, available as {style}")
     fields: dict[str, str] = Field(default_factory=dict, description="Region wording, available by name")
     sizes: list[Size] | None = Field(default=None, min_length=1, description="Sizes (default: the catalog's)")
 
-    @field_validator("template")
+    @field_validator("template", "edit_template")
     @classmethod
     def _plain_fields(cls, value: str | None) -> str | None:
         if value is not None:
@@ -272,6 +439,12 @@ class CatalogSpec(_CatalogSection):
     template: str = Field(
         default="{name}, {style}", description="Prompt template for regions without their own"
     )
+    edit_template: str | None = Field(
+        default=None, description="Instruction template for regions without their own, for products that carry a "
+        "packshot in `image` (relative to the product file, or s3://): such a product becomes edit rows that keep "
+        "it and change the scene, e.g. 'place the product on a {scene}, {style}; keep the product, its label and "
+        "its colours unchanged'. A product without `image` stays text-to-image"
+    )
     sizes: list[Size] = Field(default_factory=list, description="Sizes (default: the job's width and height)")
     variants: int = Field(default=1, ge=1, le=16, description="Images per sku, region and size (seeds differ)")
     regions_field: str = Field(
@@ -280,10 +453,11 @@ class CatalogSpec(_CatalogSection):
     )
     checks: list[CheckSpec] = Field(default_factory=list, description="Questions or captions per generated image")
 
-    @field_validator("template")
+    @field_validator("template", "edit_template")
     @classmethod
-    def _plain_fields(cls, value: str) -> str:
-        template_fields(value)
+    def _plain_fields(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value)
         return value
 
     @field_validator("regions")
@@ -315,8 +489,17 @@ class JobSpec(_Section):
         default=None, description="Image archives to caption instead of manifests (see ArchiveSpec)"
     )
     catalog: CatalogSpec | None = Field(
-        default=None, description="A product catalog expanded into generation rows per region, size and variant "
+        default=None, description="A product catalog expanded into ad rows (generations, or edits of a product's "
+        "packshot) per region, size and variant "
         "(see factory.jobs.sources.manifests.catalog); with or without manifest inputs",
+    )
+    train: TrainSection | None = Field(
+        default=None, description="Captioned images to train a tenant's style adapter from, instead of manifests "
+        "(see TrainSection): the run encodes them once, then trains the adapter on Ray Train",
+    )
+    benchmarks: list[BenchmarkSpec] = Field(
+        default_factory=list, description="Public benchmark files (COCO captions, VQAv2, TextCaps) read as "
+        "manifests, with or without manifest inputs (see BenchmarkSpec)",
     )
     inputs: list[Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)]] | None = Field(
         default=None, validate_default=True,
@@ -404,6 +587,30 @@ class JobSpec(_Section):
         "or tag. When the job starts, each hub checkpoint's revision (these or the profile's) is resolved to its "
         "commit once; every replica loads that commit and results and reuse keys record it",
     )
+    quality: QualitySpec | None = Field(
+        default=None, description="Scores of the run's rows (CLIPScore, VQA accuracy, BLEU and CIDEr-D), per tenant, "
+        "region and adapter; unset: nothing is scored (see QualitySpec)",
+    )
+
+    @field_validator("quality")
+    @classmethod
+    def _profile_scores(cls, value: QualitySpec | None, info: ValidationInfo) -> QualitySpec | None:
+        if value is not None and info.data.get("train") is not None:
+            raise ValueError("a training job makes no result rows to score: score runs made with its adapter "
+                             "(factory eval NEW --against OLD)")
+        if value is not None and value.clip_score and "profile" in info.data:
+            try:
+                scoring_model(get_profile(info.data["profile"]))
+            except ConfigError as error:
+                raise ValueError(str(error).removeprefix("quality.clip_score: ")) from None
+        return value
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks_are_manifests(cls, value: list[BenchmarkSpec], info: ValidationInfo) -> list[BenchmarkSpec]:
+        if value and (info.data.get("archive") is not None or info.data.get("train") is not None):
+            raise ValueError("benchmarks are read as manifests: not with archive or train")
+        return value
 
     @field_validator("revisions")
     @classmethod
@@ -432,13 +639,31 @@ class JobSpec(_Section):
         products = [_resolve_location(uri, _spec_dir(info)) for uri in value.products]
         return value.model_copy(update={"products": products})
 
+    @field_validator("train")
+    @classmethod
+    def _trains_alone(cls, value: TrainSection | None, info: ValidationInfo) -> TrainSection | None:
+        if value is not None and (info.data.get("archive") is not None or info.data.get("catalog") is not None):
+            raise ValueError("a job trains an adapter (train) or captions archives / expands a catalog, not both")
+        return value
+
+    @field_validator("profile")
+    @classmethod
+    def _trainable_profile(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("train") is not None:
+            check_trainable_profile(value)
+        return value
+
     @field_validator("inputs")
     @classmethod
     def _inputs_or_archive(cls, value: list[str] | None, info: ValidationInfo) -> list[str]:
         # `archive` is validated first (it comes first), so whether the job has one is known here.
+        if info.data.get("train") is not None:
+            if value:
+                raise ValueError("a job reads manifests (inputs) or trains an adapter (train), not both")
+            return []
         has_archive = info.data.get("archive") is not None
         if value is None:
-            if not has_archive and info.data.get("catalog") is None:
+            if not has_archive and info.data.get("catalog") is None and not info.data.get("benchmarks"):
                 raise PydanticCustomError("missing", "required")
             return []
         if has_archive and value:
@@ -492,13 +717,15 @@ def output_root(spec: JobSpec, run_id: str) -> str:
 
 
 def generation_defaults(spec: JobSpec) -> GenerationDefaults:
-    """What a generation row that leaves a value out gets: the job's `defaults`, else its profile's."""
+    """What a generation row that leaves a value out gets: the job's `defaults`, else its profile's; an edit row's
+    guidance is the profile's edit guidance (Kontext's 2.5), else the same."""
     profile = get_profile(spec.profile).generator
     given = spec.defaults
     return GenerationDefaults(
         steps=given.steps or profile.steps, width=given.width or profile.width,
         height=given.height or profile.height,
         guidance=given.guidance if given.guidance is not None else profile.guidance,
+        edit_guidance=profile.edit.guidance if profile.edit is not None else None,
     )
 
 
@@ -511,7 +738,11 @@ def pin_models(spec: JobSpec) -> JobSpec:
     """The spec with `revisions` naming the commit of each of its profile's hub checkpoints, resolved now: once per
     job, so its replicas, its results and its reuse keys all name the same weights. Raises `ModelError`."""
     profile = with_revisions(get_profile(spec.profile), spec.revisions)
-    return spec.model_copy(update={"revisions": hub_revisions(pin_revisions(profile)) or None})
+    pinned = {"revisions": hub_revisions(pin_revisions(profile)) or None}
+    if spec.quality is not None and spec.quality.clip_score:
+        clip = pin_clip(scoring_model(profile), spec.quality.clip_revision)
+        pinned["quality"] = spec.quality.model_copy(update={"clip_revision": clip.revision})
+    return spec.model_copy(update=pinned)
 
 
 # ---- loading -----------------------------------------------------------------------------------------

@@ -32,10 +32,11 @@ def scoring_model(profile: Profile) -> ClipProfile:
 
 
 def pin_clip(clip: ClipProfile, revision: str | None = None) -> ClipProfile:
-    """`clip` at `revision` (the commit a job pinned), else, for a hub model, at the commit its revision points at
-    now: every replica of a job scores with the same weights, as it generates with the same."""
+    """`clip` at `revision` (a job's; default the profile's), a hub model's resolved to the commit it points at
+    now (a commit needs no resolving): every replica of a job scores with the same weights, as it generates with
+    the same."""
     if revision is not None:
-        return clip.model_copy(update={"revision": revision})
+        clip = clip.model_copy(update={"revision": revision})
     if is_hub_source(clip.source) and not clip.pinned:
         return clip.model_copy(update={"revision": resolve_commit(clip.source, clip.revision)})
     return clip

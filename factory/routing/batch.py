@@ -40,6 +40,12 @@ class ReplicaCall(BaseModel):
     image_size: tuple[int, int] | None = None
 
 
+def reference_digests(reference_bytes: list[bytes]) -> list[str]:
+    """The sha256 of each reference's bytes as read: what results record, and what reuse across runs keys on (the
+    caller hashes with this too, so a key it looks up is the key a result was remembered under)."""
+    return [hashlib.sha256(data).hexdigest() for data in reference_bytes]
+
+
 def adapter_key(request: TaskRequest) -> str:
     """The adapter id a request runs with (Serve's multiplexed model id): its adapter, or the base model."""
     return request.adapter or BASE_ADAPTER
@@ -91,7 +97,7 @@ class BatchRunner:
             results[index] = result
         for call, result in zip(calls, results, strict=True):
             if call.reference_bytes is not None and result is not None:
-                result.reference_sha256 = [hashlib.sha256(data).hexdigest() for data in call.reference_bytes]
+                result.reference_sha256 = reference_digests(call.reference_bytes)
         return results  # type: ignore[return-value]
 
     def refuse(self, calls: list[ReplicaCall], adapter_id: str, error: Exception) -> list[TaskResult]:
@@ -121,14 +127,14 @@ class BatchRunner:
     def _references(self, call: ReplicaCall) -> tuple[Image.Image, ...]:
         """An edit's references, decoded as caption images are, under the same pixel cap; a bad one names its
         field (`image` for a single reference, `images[i]` among several)."""
-        uris, data = call.request.images or (), call.reference_bytes or []
-        if not uris:  # a request not made by the parser, or staged by a layer that dropped its references
+        named = call.request.named_inputs if call.request.images else ()
+        data = call.reference_bytes or []
+        if not named:  # a request not made by the parser, or staged by a layer that dropped its references
             raise RequestError("image", "an edit needs at least one reference image")
-        if len(data) > len(uris):
-            raise RequestError("images", f"{len(data)} references were read for {len(uris)} URIs")
+        if len(data) > len(named):
+            raise RequestError("images", f"{len(data)} references were read for {len(named)} URIs")
         decoded = []
-        for position, uri in enumerate(uris):
-            field = "image" if len(uris) == 1 else f"images[{position}]"
+        for position, (field, uri) in enumerate(named):
             if position >= len(data):
                 raise RequestError(field, f"no bytes were read for {uri}")
             try:

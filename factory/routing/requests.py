@@ -173,6 +173,13 @@ class TaskRequest(BaseModel):
         """Every input image URI the row reads: an edit's references, a caption's or question's image."""
         return self.images or ((self.image,) if self.image is not None else ())
 
+    @property
+    def named_inputs(self) -> tuple[tuple[str, str], ...]:
+        """Each input URI with the field a problem with it names: `image` for a lone one (an edit's single
+        reference too), `images[i]` among several."""
+        uris = self.inputs
+        return tuple(("image" if len(uris) == 1 else f"images[{i}]", uri) for i, uri in enumerate(uris))
+
 
 class TaskResult(BaseModel):
     """What a replica returns for one request. `image_png` travels to the sink and never into Parquet."""

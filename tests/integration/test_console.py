@@ -193,12 +193,12 @@ def assert_quiet(done: subprocess.CompletedProcess, tmp_path: Path) -> str:
     # stdout: the summary table and its closing line, nothing else.
     lines = done.stdout.rstrip("\n").splitlines()
     # One story of counts (input rows, the rows they became, rejected before the model, ran by status), the same
-    # as the progress line's: 39 rows validated, then the 33 that run.
+    # as the progress line's: 41 rows validated, then the 37 that run.
     assert lines[0].strip() == "catalog / catalog" and lines[-1].startswith(
-        "39 input rows became 43 rows: 10 rejected before the model, 33 ran (32 ok, 0 blocked, 1 rejected, 0 failed); "
-        "26 images in")
+        "41 input rows became 47 rows: 10 rejected before the model, 37 ran (36 ok, 0 blocked, 1 rejected, 0 failed); "
+        "30 images in")
     progress = [line.split("  ")[0] for line in done.stderr.splitlines()]
-    assert progress[-1] == "rows 33/33" and "validating 39/39" in progress
+    assert progress[-1] == "rows 37/37" and "validating 41/41" in progress
     assert all(line[:1] in "┏┃┡│├└" for line in lines[1:-1]), done.stdout
     return (tmp_path / "factory.log").read_text()
 

@@ -10,12 +10,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
 from factory.jobs.engine.commit import RESULT_SCHEMA, read_table
+from factory.jobs.report.gallery import build_gallery
 from factory.jobs.run import run_job, validate_job
 from factory.jobs.spec import load_spec
 from factory.model.generator import fit_size
@@ -38,6 +40,10 @@ def rejects(root: Path) -> dict[str, dict]:
 
 def image_bytes(row: dict) -> bytes:
     return Path(row["image_uri"]).read_bytes()
+
+
+def pixels(row: dict) -> np.ndarray:
+    return np.asarray(Image.open(row["image_uri"])).astype(int)
 
 
 def sha256(path: Path) -> str:
@@ -140,6 +146,9 @@ def test_every_refused_edit_says_why(tiny_edits):
     assert dict(zip(blocked["safety_labels"], blocked["safety_scores"]))["FACE_FEMALE"] >= 0.5
     images = {path.name for path in (tiny_edits["root"] / "images").rglob("*.png")}
     assert images == {f"{row_id}.png" for row_id in ("cat", "cat-again", "cups", "cat-own-size", "poster")}
+    # The gallery shows references beside the edits that passed, never beside a blocked one.
+    page, _ = build_gallery(str(tiny_edits["root"]), Storage())
+    assert page.count('<img class="reference"') == 4 and "images/astronaut.png" not in page
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +184,17 @@ def test_several_references_on_tiny_flux2(flux2_edits):
     three = rows["three"]
     assert len(three["reference_uris"]) == len(three["reference_sha256"]) == 3
     assert three["reference_sha256"][1] == sha256(flux2_edits["folder"] / "images" / "coffee.png")
-    assert image_bytes(three) == image_bytes(rows["three-again"]) == image_bytes(rows["csv-three"])
-    assert image_bytes(three) != image_bytes(rows["swapped"])  # the references' order matters
-    assert image_bytes(three) != image_bytes(rows["one"])
+    assert image_bytes(three) == image_bytes(rows["three-again"])  # one pipeline call, the same bytes
+    # The CSV row ran in a call of another batch size: fp32 kernels may round a few values by one level, no more
+    # (measured: 0.03% of values).
+    noise = np.abs(pixels(three) - pixels(rows["csv-three"]))
+    assert noise.max() <= 1 and (noise > 0).mean() < 0.01
+    # The output depends on the references and their order; no size given: the first one's aspect ratio.
+    assert (three["width"], three["height"]) == (304, 208) and pixels(three).shape == (208, 304, 3)
+    assert (rows["swapped"]["width"], rows["swapped"]["height"]) == (256, 256)  # the astronaut photo is square
+    # The two extra references change far more than batch rounding does: random weights attend to them weakly
+    # (a few levels), but across the image (measured: 18% of values).
+    assert pixels(three).shape == pixels(rows["one"]).shape and (pixels(three) != pixels(rows["one"])).mean() > 0.05
     refused = rejects(flux2_edits["root"])
     assert refused["five"]["field"] == "images"
     assert "5 reference images; profile tiny-flux2 takes at most 4" in refused["five"]["reason"]
@@ -262,11 +279,7 @@ def test_a_catalog_with_packshots_makes_per_region_edits_and_reuses_them_until_t
     assert reused["reference_uris"] == cup["reference_uris"] and Path(reused["image_uri"]).read_bytes() == \
         Path(cup["image_uri"]).read_bytes()
 
-    # The morning's gallery shows each edit beside its packshot.
-    from factory.jobs.report.gallery import write_report
-
-    html = write_report(str(tmp_path / "out" / "night-2"), str(tmp_path / "report.html"))
-    page = Path(html).read_text()
-    packshot = Image.open(tmp_path / "packshots" / "cup.png")
-    assert page.count('class="reference"') >= 3 and "cup-1-na-64x96-v1" in page
-    assert packshot.size  # the file the gallery embedded a thumbnail of
+    # The morning's gallery shows each edit beside its packshot (one reference thumbnail per edit card).
+    page, stats = build_gallery(str(tmp_path / "out" / "night-2"), Storage())
+    assert page.count('<div class="edit">') == page.count('<img class="reference"') == 3 and stats.thumbnails == 4
+    assert 'title="reference: ' + str(tmp_path / "packshots" / "cup.png") in page

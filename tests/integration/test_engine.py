@@ -241,20 +241,21 @@ def test_validate_counts_and_rejects_then_run_reuses_the_validation(ray_cluster,
         capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    # 34 manifest rows and 5 catalog products; the products expand into 7 generation rows and 2 rejects.
-    assert ("39 input rows became 43 rows: 10 rejected before the model (1 duplicate ids, 0 unreadable manifests), "
-            "33 would run;") in completed.stdout.replace("\n", " ")
+    # 34 manifest rows and 7 catalog products; the products expand into 7 generation rows, 4 edits of the two
+    # products' packshots and 2 rejects.
+    assert ("41 input rows became 47 rows: 10 rejected before the model (1 duplicate ids, 0 unreadable manifests), "
+            "37 would run;") in completed.stdout.replace("\n", " ")
     root = str(tmp_path / "catalog")
     validation = json.loads(Storage().read_bytes(OutputLayout(root).validation))
-    assert validation["tasks"] == {"caption": 4, "generate": 26, "vqa": 3}
-    assert validation["tenants"] == {"acme": 14, "globex": 11, "initech": 4, "umbrella": 4}
+    assert validation["tasks"] == {"caption": 4, "edit": 4, "generate": 26, "vqa": 3}
+    assert validation["tenants"] == {"acme": 16, "globex": 13, "initech": 4, "umbrella": 4}
     assert validation["adapters"]["base"] == 12 and validation["model_seconds"] > 0
     assert len(rejects(root)) == 10 and not results(root)
 
     spec = load_spec(catalog, [f"output={tmp_path}"])
     summary = run_job(spec, address=ray_cluster["address"], show_progress=False)
     assert summary.rows_read == 0  # validated once: the run did not read the manifests again
-    assert (summary.input_rows, summary.rows, summary.rejects) == (39, 33, 10)
+    assert (summary.input_rows, summary.rows, summary.rejects) == (41, 37, 10)
 
 
 def test_validate_killed_part_way_resumes_by_chunk(ray_cluster, tmp_path):

@@ -31,7 +31,11 @@ CATALOG_ROWS = {  # products.jsonl x the spec's regions: id -> (region, adapter)
     "espresso-200-eu-256x256-v1": ("eu", "acme/eu-minimal"), "espresso-200-na-256x256-v1": ("na", "acme/na-contrast"),
     "espresso-200-apac-256x384-v1": ("apac", "acme/brand"), "tent-300-eu-256x256-v1": ("eu", "globex/brand"),
     "tent-300-apac-256x384-v1": ("apac", "globex/apac-bold"),
+    # products with a packshot: edits of it, per region
+    "cup-600-eu-256x256-v1": ("eu", "acme/eu-minimal"), "cup-600-na-256x256-v1": ("na", "acme/na-contrast"),
+    "rocket-700-eu-256x256-v1": ("eu", "globex/brand"), "rocket-700-apac-256x384-v1": ("apac", "globex/apac-bold"),
 }
+MADE = ("generate", "edit")  # tasks whose result is an image the generator made
 
 
 def results_of(storage: Storage, root: str) -> list[dict]:
@@ -47,21 +51,26 @@ def rejects_of(storage: Storage, root: str) -> list[dict]:
 def check_catalog_output(storage: Storage, root: str, performance: str = "plain") -> None:
     layout = OutputLayout(root)
     results = results_of(storage, root)
-    # Every generated row says how it was made; caption and VQA rows do not use the generator.
-    assert {row["performance"] for row in results if row["task"] == "generate"} == {performance}
-    assert {row["performance"] for row in results if row["task"] != "generate"} == {None}
+    # Every generated or edited row says how it was made; caption and VQA rows do not use the generator.
+    assert {row["performance"] for row in results if row["task"] in MADE} == {performance}
+    assert {row["performance"] for row in results if row["task"] not in MADE} == {None}
     ids = [row["id"] for row in results]
-    assert len(ids) == len(set(ids)) == 33
+    assert len(ids) == len(set(ids)) == 37
     statuses = {}
     for row in results:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-    assert statuses == {"ok": 32, "rejected": 1}
+    assert statuses == {"ok": 36, "rejected": 1}
     by_id = {row["id"]: row for row in results}
     for row_id, (region, adapter) in CATALOG_ROWS.items():
         row = by_id[row_id]
         assert (row["region"], row["adapter"], row["status"]) == (region, adapter, "ok"), row_id
         assert dict(row["checks"])["product_visible"], row_id  # the expansion's VQA check, answered
     assert by_id["tent-300-apac-256x384-v1"]["prompt"] == "advertisement for camping tent, new arrival, bright playful style"
+    rocket = by_id["rocket-700-apac-256x384-v1"]
+    assert rocket["task"] == "edit" and rocket["prompt"] == ("place the product on a cafe table in Tokyo, bright playful "
+                                                             "style; keep the product unchanged")
+    assert rocket["reference_uris"][0].endswith("images/rocket.jpg") and len(rocket["reference_sha256"][0]) == 64
+    assert (rocket["width"], rocket["height"]) == (256, 384)
     # Each row ran with exactly its adapter: region adapter, explicit name, tenant default, or none.
     assert by_id["acme-eu-002"]["adapter"] == "acme/eu-minimal" and by_id["acme-na-004"]["adapter"] == "acme/na-contrast"
     assert by_id["acme-eu-brand"]["adapter"] == "acme/brand" and by_id["globex-eu-007"]["adapter"] == "globex/brand"
@@ -74,10 +83,10 @@ def check_catalog_output(storage: Storage, root: str, performance: str = "plain"
     for field in RESULT_SCHEMA:
         assert table.schema.field(field.name).type == field.type, field.name
 
-    # An image for every ok generation row, at the key its row names, and for no other row.
-    expected_images = {row["image_uri"] for row in results if row["task"] == "generate" and row["status"] == "ok"}
-    assert len(expected_images) == 26 and None not in expected_images
-    assert all(row["image_uri"] is None for row in results if row["task"] != "generate")
+    # An image for every ok generation or edit row, at the key its row names, and for no other row.
+    expected_images = {row["image_uri"] for row in results if row["task"] in MADE and row["status"] == "ok"}
+    assert len(expected_images) == 30 and None not in expected_images
+    assert all(row["image_uri"] is None for row in results if row["task"] not in MADE)
     assert set(storage.list_files(storage.join(root, "images"))) == expected_images
     seeded = next(row for row in results if row["id"] == "initech-gen-seeded")
     assert (seeded["seed"], seeded["width"], seeded["height"]) == (7, 256, 192)
@@ -105,8 +114,8 @@ def check_catalog_output(storage: Storage, root: str, performance: str = "plain"
 
     assert storage.exists(layout.success)
     summary = json.loads(storage.read_bytes(layout.summary))
-    assert (summary["rows"], summary["rejects"], summary["images"]) == (33, 10, 26)
-    assert summary["by_status"] == {"ok": 32, "rejected": 1}
+    assert (summary["rows"], summary["rejects"], summary["images"]) == (37, 10, 30)
+    assert summary["by_status"] == {"ok": 36, "rejected": 1}
     assert set(summary["tenants"]) == {"acme", "globex", "initech", "umbrella"}
     assert summary["tenants"]["acme"]["compute_seconds"] > 0
 
@@ -134,8 +143,11 @@ def test_catalog_on_s3_over_http(ray_cluster, s3_endpoint, tmp_path):
     for path in data.rglob("*"):
         if path.is_file() and path.name != "products.jsonl":
             storage.write_bytes(f"{bucket}/in/{path.relative_to(data).as_posix()}", path.read_bytes())
-    # The product catalog lives apart from the manifests (the in/ prefix is read as manifests, whole).
+    # The product catalog lives apart from the manifests (the in/ prefix is read as manifests, whole), its
+    # products' packshots beside it.
     storage.write_bytes(f"{bucket}/catalog/products.jsonl", (data / "products.jsonl").read_bytes())
+    for path in (data / "images").glob("*.jpg"):
+        storage.write_bytes(f"{bucket}/catalog/images/{path.name}", path.read_bytes())
     # The registry stays a local file; the adapters it names are on S3.
     for path in (REPO / "jobs" / "adapters").glob("*.safetensors"):
         storage.write_bytes(f"{bucket}/adapters/{path.name}", path.read_bytes())

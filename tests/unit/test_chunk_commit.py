@@ -20,6 +20,7 @@ from factory.jobs.sources.manifests.duplicates import (
 )
 from factory.jobs.sources.manifests.plan import build_plan
 from factory.jobs.sources.manifests.validate import STAGED_REQUESTS, VALIDATED, ValidateContext, validate_chunk
+from factory.model.profiles import get_profile
 from factory.routing.parser import GenerationDefaults
 from factory.routing.requests import TaskResult
 
@@ -27,7 +28,8 @@ DEFAULTS = GenerationDefaults(steps=2, width=64, height=64, guidance=0.0)
 
 
 def context(root) -> ValidateContext:
-    return ValidateContext(run_id="r1", layout=OutputLayout(str(root)), storage=Storage(), defaults=DEFAULTS, shards=4)
+    return ValidateContext(run_id="r1", layout=OutputLayout(str(root)), storage=Storage(), defaults=DEFAULTS,
+                           profile=get_profile("tiny"), shards=4)
 
 
 def test_validate_chunk_stages_requests_and_writes_rejects_once(tmp_path):

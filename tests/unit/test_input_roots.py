@@ -18,6 +18,7 @@ from factory.jobs.engine.commit import read_table
 from factory.jobs.sources.manifests.plan import build_plan
 from factory.jobs.spec import JobSpec, load_spec
 from factory.jobs.sources.manifests.validate import TenantRoots, ValidateContext, validate_chunk
+from factory.model.profiles import get_profile
 from factory.routing.api_models import ApiSettings
 from factory.routing.parser import GenerationDefaults
 from factory.routing.tenants import TenantRegistry
@@ -183,6 +184,7 @@ def test_job_input_roots_are_relative_to_the_spec_file(tmp_path):
 def context(root: Path, registry: TenantRegistry | None = None, job_roots: tuple[str, ...] = ()) -> ValidateContext:
     return ValidateContext(run_id="r1", layout=OutputLayout(str(root)), storage=Storage(), shards=1,
                            defaults=GenerationDefaults(steps=2, width=64, height=64, guidance=0.0),
+                           profile=get_profile("tiny"),
                            registry=registry, input_roots=job_roots)
 
 

@@ -1,8 +1,10 @@
 """The source interface (factory.jobs.engine.source), held to one contract by every implementation, without Ray:
-manifest files, a catalog (a transform over its product files' records), and archives (a folder, a zip, a tar
-shard). What Ray Data would run is run here, in this process, through the same functions: the manifests'
-validation of each chunk (its pre-pass; the duplicate barrier is tested in test_chunk_commit) and the archives'
-listing stage.
+manifest files, a catalog (a transform over its product files' records), archives (a folder, a zip, a tar
+shard), and a training data set (captioned images in a folder and a tar shard). What Ray Data would run is run
+here, in this process, through the same functions: the manifests' validation of each chunk (its pre-pass; the
+duplicate barrier is tested in test_chunk_commit), the archives' listing stage, and the training data set's
+encoding (its model stage holds the encoders itself: its rows are latents, and its rejects rows of the rejects
+table).
 
 The contract: a source plans chunks with a deterministic identity and reads its plan back on a re-run; refuses
 inputs that changed since the run began; leaves finished chunks out of the work (failed ones too, unless they are
@@ -13,6 +15,7 @@ its row fits the results table; the plan as it ended names every chunk, and the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -29,16 +32,22 @@ from PIL import Image
 from factory.errors import ConfigError
 from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.engine.commit import RESULT_SCHEMA
+from factory.jobs.engine.commit import REJECT_SCHEMA, RESULT_SCHEMA
 from factory.jobs.engine.counts import ChunkStats
-from factory.jobs.engine.source import Item, RunContext, Source
+from factory.jobs.engine.source import Item, ReplicaReader, RunContext, Source
 from factory.jobs.run import source_for
 from factory.jobs.sources.archives.listing import plan_chunks
 from factory.jobs.sources.archives.source import ArchiveSource
 from factory.jobs.sources.manifests.duplicates import DedupIndex
 from factory.jobs.sources.manifests.source import ManifestSource
 from factory.jobs.sources.manifests.validate import validate_chunk
+from factory.jobs.sources.training.encode import encoded_row
+from factory.jobs.sources.training.source import TrainingSource
 from factory.jobs.spec import JobSpec
+from factory.model.profiles import get_profile
+from factory.model.stack import resolve_sources
+from factory.model.training.cache import CACHE_SCHEMA
+from factory.model.training.encoders import TrainingEncoders
 from factory.routing.batch import ReplicaCall
 from factory.routing.executor import base_result
 from factory.routing.requests import Status, TaskResult
@@ -111,11 +120,38 @@ def archives(folder: Path) -> Case:
                 change=photos / "p3.png")
 
 
-KINDS = {"manifests": manifests, "catalog": catalog, "archives": archives}
+def training(folder: Path) -> Case:
+    data = folder / "ds"
+    data.mkdir()
+    for n in range(3):
+        (data / f"p{n}.png").write_bytes(png(40 + n))
+    (data / "p0.txt").write_text("a chair in the acme style\n")
+    (data / "p1.caption").write_text("a lamp in the acme style")
+    (data / "p2.json").write_text(json.dumps({"caption": "a table in the acme style"}))
+    (data / "orphan.txt").write_text("a caption whose image is missing")
+    (data / "nocaption.png").write_bytes(png(50))
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (data / "corrupt.txt").write_text("an image that does not decode")
+    with tarfile.open(folder / "shard.tar", "w") as tar:
+        for name, member in (("s0.png", png(60)), ("s0.txt", b"a sofa in the acme style")):
+            info = tarfile.TarInfo(name)
+            info.size = len(member)
+            tar.addfile(info, io.BytesIO(member))
+    spec = {"train": {"tenant": "acme", "adapter": "style", "sources": [str(data), str(folder / "shard.tar")],
+                      "encoding": {"chunk_images": 2}, "options": {"buckets": [{"width": 64, "height": 64}]}}}
+    ids = {"0:p0.png", "0:p1.png", "0:p2.png", "0:orphan.txt", "0:nocaption.png", "0:corrupt.png", "1:s0.png"}
+    # Every file listed in the folder (captions among them), and the shard's one image, as read.
+    return Case(spec=spec, rows={("acme", row_id) for row_id in ids}, rejected=0, input_rows=10 + 1,
+                change=data / "p3.png")
+
+
+KINDS = {"manifests": manifests, "catalog": catalog, "archives": archives, "training": training}
 
 
 @pytest.fixture(params=list(KINDS))
 def case(request, tmp_path) -> tuple[Case, JobSpec]:
+    if request.param == "training":
+        request.getfixturevalue("tiny_path")  # its model stage encodes with the tiny profile's VAE and text encoders
     folder = tmp_path / "in"
     folder.mkdir()
     made = KINDS[request.param](folder)
@@ -156,8 +192,15 @@ def results_for(calls: list[ReplicaCall]) -> list[TaskResult]:
     return [base_result(call.request, None, status=Status.OK, caption="words", answer="yes") for call in calls]
 
 
+@functools.cache
+def tiny_encoders() -> TrainingEncoders:
+    profile = get_profile("tiny")
+    return TrainingEncoders.from_pretrained(resolve_sources(profile)[0], profile.generator)
+
+
 def run_chunk(source: Source, text: str, committed: pa.Table | None = None) -> tuple[list[Item], list[dict], list]:
-    """One chunk through the reader: its items, and the rows made of their (given) results."""
+    """One chunk through the reader: its items, and the rows made of their (given) results; a training data set's
+    items through its model stage's own encoding (the tiny profile's encoders), into latents rows."""
     reader = source.reader()
     chunk = reader.chunk_model.model_validate_json(text)
     opened = reader.open(chunk)
@@ -167,6 +210,9 @@ def run_chunk(source: Source, text: str, committed: pa.Table | None = None) -> t
         if item.row is not None:
             rows.append(item.row)
             continue
+        if not isinstance(reader, ReplicaReader):
+            rows.append(encoded_row(tiny_encoders(), item))
+            continue
         made = asyncio.run(reader.calls(item))
         results = results_for(made) if isinstance(made, list) else [made]
         if isinstance(made, list):
@@ -174,6 +220,26 @@ def run_chunk(source: Source, text: str, committed: pa.Table | None = None) -> t
             assert len(made) == item.calls
         rows.append(asyncio.run(reader.row(chunk, item, results, 1 if isinstance(made, list) else 0)))
     return items, rows, opened.tenants
+
+
+def check_rows(source: Source, items: list[Item], rows: list[dict]) -> ChunkStats:
+    """Each item's row is its own and fits the table it is committed to (results; a training data set's latents, or
+    its rejects); the chunk's marker as its model stage writes it."""
+    marker = ChunkStats(chunk="*")
+    for item, row in zip(items, rows, strict=True):
+        if isinstance(source, TrainingSource) and item.row is None:
+            assert row["id"] == item.row_id and row["image_sha256"] == item.digest
+            pa.Table.from_pylist([row], schema=CACHE_SCHEMA)
+            marker.add_result(item.tenant, "ok", False, None)
+            continue
+        assert (row["tenant"], row["id"], row["run_id"]) == (item.tenant, item.row_id, RUN_ID)
+        if isinstance(source, TrainingSource):
+            pa.Table.from_pylist([row], schema=REJECT_SCHEMA)
+            marker.rejects += 1
+        else:
+            pa.Table.from_pylist([row], schema=RESULT_SCHEMA)
+            marker.add_results([row])
+    return marker
 
 
 def test_a_source_plans_the_same_chunks_again_and_reads_every_row_once(case):
@@ -187,12 +253,8 @@ def test_a_source_plans_the_same_chunks_again_and_reads_every_row_once(case):
     seen, rejected, markers = [], 0, []
     for text in texts:
         items, rows, tenants = run_chunk(source, text)
-        markers.append(ChunkStats(chunk=json.loads(text)["id"]))
-        markers[-1].add_results(rows)
+        markers.append(check_rows(source, items, rows).model_copy(update={"chunk": json.loads(text)["id"]}))
         assert {item.tenant for item in items} <= set(tenants)
-        for item, row in zip(items, rows, strict=True):
-            assert (row["tenant"], row["id"], row["run_id"]) == (item.tenant, item.row_id, RUN_ID)
-        pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)  # every row fits the results table
         seen += [(item.tenant, item.row_id) for item in items]
         rejected += source.reader().open(source.reader().chunk_model.model_validate_json(text)).rejects
     assert sorted(seen) == sorted(made.rows)  # each row once
@@ -221,10 +283,13 @@ def test_finished_chunks_are_left_out_and_failed_ones_only_when_not_retried(case
 def test_an_item_an_earlier_attempt_committed_is_not_read_again(case):
     _, spec = case
     source = open_source(spec)
+    # A chunk whose first item went through the model stage (a training data set commits only those: its rejects
+    # are found again).
     text = next(text for text in chunk_texts(source, source.pending({}, retry_failed=True).work)
-                if len(run_chunk(source, text)[0]) >= 2)
+                if len(items := run_chunk(source, text)[0]) >= 2 and items[0].row is None)
     items, rows, _ = run_chunk(source, text)
-    committed = pa.Table.from_pylist(rows[:1], schema=RESULT_SCHEMA)
+    committed = pa.Table.from_pylist(rows[:1], schema=CACHE_SCHEMA if isinstance(source, TrainingSource)
+                                     else RESULT_SCHEMA)
     rest, _, _ = run_chunk(source, text, committed)
     assert [(item.tenant, item.row_id) for item in rest] == [(item.tenant, item.row_id) for item in items[1:]]
 
@@ -237,6 +302,7 @@ def test_inputs_changed_since_the_run_began_are_refused(case):
         os.utime(made.change, ns=(1, 1))
     else:
         made.change.write_bytes(png(99))
-        spec = spec.model_copy(update={"archive": spec.archive.model_copy(update={"chunk_objects": 3})})
+        if spec.archive is not None:
+            spec = spec.model_copy(update={"archive": spec.archive.model_copy(update={"chunk_objects": 3})})
     with pytest.raises(ConfigError, match="changed"):
         open_source(spec)

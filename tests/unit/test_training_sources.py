@@ -1,6 +1,7 @@
-"""Training sources: images paired with their captions (folders, tar shards, a caption run's results), each brought
-to its bucket, and every input that cannot become a sample rejected with its reason. No Ray: the read tasks' code
-called directly."""
+"""A training data set's chunks: images paired with their captions (folders, tar shards, a caption run's results),
+each brought to its bucket, and every input that cannot become a sample rejected with its reason. No Ray: the
+planning and the reader the encoder stage's workers use, called directly (the source's contract with the engine is
+tests/unit/test_sources.py's)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import pytest
 from PIL import Image
 
 from factory.errors import ConfigError
+from factory.io.layout import OutputLayout
 from factory.io.storage import Storage
-from factory.jobs.training.sources import TrainingUnit, UnitReader, plan_units
+from factory.jobs.engine.source import RunContext
+from factory.jobs.sources.training.listing import TrainingChunk, plan_chunks
+from factory.jobs.sources.training.reader import TrainingReader
 from factory.model.training.buckets import nearest_bucket
 from factory.model.training.options import Bucket
 from tests.training import BAD_INPUTS_REASONS, add_bad_inputs, caption_of, captioned_folder, captioned_tar, png, photo
@@ -21,16 +25,22 @@ from tests.training import BAD_INPUTS_REASONS, add_bad_inputs, caption_of, capti
 BUCKETS = [Bucket(width=64, height=64), Bucket(width=96, height=64), Bucket(width=64, height=96)]
 
 
-def _read_all(sources: list[str], chunk: int = 64) -> tuple[list[dict], list[dict], list[TrainingUnit]]:
+NOTHING_COMMITTED = pa.table({"id": pa.array([], pa.string())})
+
+
+def _read_all(sources: list[str], chunk: int = 64) -> tuple[list[dict], list[dict], list[TrainingChunk]]:
     storage = Storage()
-    units = plan_units(sources, storage, chunk)
-    reader = UnitReader(storage, BUCKETS)
+    chunks = list(plan_chunks(sources, storage, chunk).chunks)
+    reader = TrainingReader(RunContext(job="train", run_id="r1", layout=OutputLayout("/nowhere"), storage=storage),
+                            "acme", BUCKETS)
     samples, rejects = [], []
-    for unit in units:
-        got, bad = reader.read(unit)
-        samples += got
-        rejects += bad
-    return samples, rejects, units
+    for unit in chunks:
+        for item in reader.open(unit).items(NOTHING_COMMITTED):
+            if item.row is not None:
+                rejects.append(item.row)
+            else:
+                samples.append({**item.data.meta, "pixels": item.data.pixels})
+    return samples, rejects, chunks
 
 
 def test_a_folder_pairs_images_with_captions_and_rejects_the_rest_with_reasons(tmp_path):
@@ -106,9 +116,9 @@ def test_sources_that_cannot_train_are_refused_in_one_line(tmp_path):
     (tmp_path / "results").mkdir()
 
     with pytest.raises(ConfigError, match=r"sources\[0\] .*set\.zip: a zip is not a training source"):
-        plan_units([str(tmp_path / "set.zip")], Storage(), 8)
+        plan_chunks([str(tmp_path / "set.zip")], Storage(), 8)
     with pytest.raises(ConfigError, match=r"sources\[1\] .*results: no \.parquet results files"):
-        plan_units([str(tmp_path), str(tmp_path / "results")], Storage(), 8)
+        plan_chunks([str(tmp_path), str(tmp_path / "results")], Storage(), 8)
 
 
 def test_a_linked_caption_is_refused_not_followed(tmp_path):

@@ -10,12 +10,12 @@ import pytest
 import yaml
 from PIL import Image
 from factory.errors import ConfigError
+from factory.jobs.training.figures import loss_curve_png, moving_average
 from factory.jobs.training.registry import register_adapter, register_file
-from factory.jobs.training.report import loss_curve_png, moving_average
-from factory.jobs.training.spec import load_train_spec
+from factory.jobs.training.spec import fingerprint, load_train_spec
 from factory.model.training.loop import Progress
 from factory.routing.tenants import TenantRegistry
-from tests.training import write_train_spec
+from tests.training import write_train_job, write_train_spec
 from tests.unit.test_cli import factory
 
 
@@ -62,16 +62,48 @@ def test_the_cli_refuses_a_bad_spec_or_an_impossible_rank_in_one_line(tmp_path, 
     (["data"], {"target_modules": ["to_q", "attn"]}, r"options\.target_modules: 'attn' is not a Linear layer"),
     (["gone"], {}, r"archive source .*gone: no such file or folder"),
 ])
-def test_a_bad_target_or_source_is_refused_before_ray_starts_or_the_run_opens(tmp_path, tiny_path, sources,
-                                                                               options, message):
+def test_a_bad_target_or_source_is_refused_before_ray_starts_or_the_run_opens(tmp_path, tiny_path, monkeypatch,
+                                                                               sources, options, message):
     import ray
 
-    from factory.jobs.training.run import run_training
+    from factory.jobs import run
 
+    def joined(address=None):  # the driver's one door to Ray: reaching it means the refusal came too late
+        raise AssertionError("run_job joined Ray before refusing the spec")
+
+    # Another test of the session may have started Ray in this process already: what this call must not do is
+    # join it (or start it), so the door is watched rather than Ray's state read.
+    monkeypatch.setattr(run, "connect", joined)
+    ray_before = ray.is_initialized()
     spec = load_train_spec(write_train_spec(tmp_path / "train.yaml", sources, tmp_path / "out", options=options))
     with pytest.raises(ConfigError, match=message):
-        run_training(spec)
-    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+        run.run_job(spec.job(), run_id=spec.resolved_run_id)
+    assert ray.is_initialized() == ray_before and not (tmp_path / "out").exists()
+
+
+def test_a_job_specs_train_section_is_the_train_spec_factory_train_runs(tmp_path):
+    from factory.jobs.spec import load_spec
+
+    spec = _spec(tmp_path, registry="tenants.yaml", add_to_registry=True)
+    job = load_spec(write_train_job(tmp_path / "job.yaml", ["data"], tmp_path / "out", tenants="tenants.yaml",
+                                    add_to_registry=True), [])
+    assert job.train == spec.job().train and job.inputs == [] and job.tenants == str(tmp_path / "tenants.yaml")
+    assert fingerprint(job) == fingerprint(spec.job())
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"inputs": ["rows.jsonl"]}, r"inputs: a job reads manifests \(inputs\) or trains an adapter"),
+    ({"archive": {"sources": ["photos"]}}, r"train: a job trains an adapter \(train\) or captions"),
+    ({"profile": "tiny-flux2"}, r"profile: profile 'tiny-flux2' runs flux2; training supports FLUX\.1"),
+])
+def test_a_train_section_that_cannot_run_is_one_line(tmp_path, extra, message):
+    from factory.jobs.spec import load_spec
+
+    path = write_train_job(tmp_path / "job.yaml", ["data"], tmp_path / "out")
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **extra}))
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_spec(path, [])
+    assert "\n" not in str(caught.value)
 
 
 def _adapter(path, content: bytes = b"weights") -> tuple[str, str]:

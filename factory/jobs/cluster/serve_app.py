@@ -51,7 +51,9 @@ def deploy(spec, app_name: str, registry=None, *, owned: bool) -> None:
     from factory.routing.app import replica_fingerprint, replica_setup
     from factory.routing.replica import SERVE_DEFINITION_LOCK, build_replica_app
 
-    config, sizing = replica_setup(spec.profile, spec.serve, spec.safety, spec.performance, registry, spec.revisions)
+    scoring = spec.quality is not None and spec.quality.clip_score  # replicas load CLIP only for a job that scores
+    config, sizing = replica_setup(spec.profile, spec.serve, spec.safety, spec.performance, registry, spec.revisions,
+                                   clip_score=scoring, clip_revision=spec.quality.clip_revision if scoring else None)
     fingerprint = replica_fingerprint(config, sizing)  # the same as a `factory serve` fleet's (joinable)
     if running_fingerprint(app_name) == fingerprint:
         # serve.run from Python restarts every replica even for an identical app; a warm one is reused.

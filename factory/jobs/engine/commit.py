@@ -37,7 +37,9 @@ RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("tenant", pa.string()), ("region", pa.string()), ("task", pa.string()),
     ("status", pa.string()), ("prompt", pa.string()), ("question", pa.string()), ("caption", pa.string()),
     ("answer", pa.string()),
-    ("image_uri", pa.string()), ("source_uri", pa.string()), ("adapter", pa.string()),
+    ("image_uri", pa.string()), ("source_uri", pa.string()),
+    # Edit rows: the reference images in order, and the sha256 of each one's bytes as read (what reuse keys on).
+    ("reference_uris", pa.list_(pa.string())), ("reference_sha256", pa.list_(pa.string())), ("adapter", pa.string()),
     ("adapter_sha256", pa.string()), ("profile", pa.string()), ("model_version", pa.string()),
     ("performance", pa.string()), ("checks", pa.map_(pa.string(), pa.string())), ("reused_from", pa.string()),
     ("seed", pa.int64()), ("steps", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
@@ -51,6 +53,12 @@ RESULT_SCHEMA = pa.schema([
     # applied (factory.io.images), and for an exact duplicate the id of the row that was captioned for it.
     ("member", pa.string()), ("sha256", pa.string()), ("format", pa.string()), ("rule", pa.string()),
     ("duplicate_of", pa.string()),
+    # Quality (README "Quality"): what a row is scored against, kept so `factory eval` can score it again, and its
+    # own scores. BLEU's counts, not only its sentence score, so a group's BLEU is that of its summed counts.
+    ("references", pa.list_(pa.string())), ("answers", pa.list_(pa.string())), ("clip_score", pa.float64()),
+    ("vqa_accuracy", pa.float64()), ("bleu4", pa.float64()), ("bleu_candidate_length", pa.int32()),
+    ("bleu_reference_length", pa.int32()), ("bleu_guesses", pa.list_(pa.int32())),
+    ("bleu_matches", pa.list_(pa.int32())), ("quality_ms", pa.float64()),
 ])
 PART_SCHEMA = pa.schema([field for field in RESULT_SCHEMA if field.name != "tenant"])  # tenant is in the path
 

@@ -95,6 +95,11 @@ class ChunkValidation(BaseModel):
     generate_step_megapixels: float = Field(
         default=0.0, description="Sum over generation rows of steps x megapixels: what generation time scales with"
     )
+    edit_step_megapixels: float = Field(
+        default=0.0, description="Sum over edit rows of steps x megapixels of the output and the references (their "
+        "tokens run through every block with the image's): what edit time scales with"
+    )
+    references: int = Field(default=0, description="Reference images of edit rows (each gets a safety check)")
     read_before: bool = Field(default=False, description="An earlier attempt had started reading this chunk")
 
     def remove(self, other: ChunkValidation) -> None:
@@ -108,6 +113,8 @@ class ChunkValidation(BaseModel):
                     del mine[key]
         self.reject_tenants = _merged(self.reject_tenants, other.tenants)
         self.generate_step_megapixels -= other.generate_step_megapixels
+        self.edit_step_megapixels -= other.edit_step_megapixels
+        self.references -= other.references
 
     def merge(self, other: ChunkValidation) -> None:
         self.rows_read += other.rows_read
@@ -120,3 +127,5 @@ class ChunkValidation(BaseModel):
         self.reject_fields = _merged(self.reject_fields, other.reject_fields)
         self.reject_tenants = _merged(self.reject_tenants, other.reject_tenants)
         self.generate_step_megapixels += other.generate_step_megapixels
+        self.edit_step_megapixels += other.edit_step_megapixels
+        self.references += other.references

@@ -24,7 +24,7 @@ from factory.jobs.engine.commit import ChunkCommitter, write_marker
 from factory.jobs.engine.counts import ChunkStats
 from factory.jobs.engine.replicas import CallPolicy, Replicas
 from factory.jobs.engine.resume import resume_chunk, stats_of
-from factory.jobs.engine.source import ChunkDuplicates, ChunkReader, Item, RunContext
+from factory.jobs.engine.source import ChunkDuplicates, Item, ReplicaReader, RunContext
 from factory.jobs.engine.tally import JobStopped
 from factory.jobs.spec import JobSpec
 from factory.routing.requests import Status, TaskResult
@@ -121,7 +121,7 @@ def _next_items(items, duplicates: ChunkDuplicates, room: int) -> list[tuple[Ite
 class ChunkWorker:
     """Ray Data actor UDF: one chunk per call; see the module docstring."""
 
-    def __init__(self, run: RunContext, reader: ChunkReader, settings: StageSettings):
+    def __init__(self, run: RunContext, reader: ReplicaReader, settings: StageSettings):
         from factory.logs import configure_logging
 
         configure_logging("warning")
@@ -268,7 +268,7 @@ class ReplicaStage:
         """The replicas deployed (or joined) and ready within serve.ready_timeout_s."""
         self.app.deploy(self.registry)
 
-    def apply(self, chunks, run: RunContext, reader: ChunkReader):
+    def apply(self, chunks, run: RunContext, reader: ReplicaReader):
         """`chunks` (a Ray Dataset of chunk descriptors) through the workers: their stats, one row a chunk."""
         import ray
 

@@ -1,9 +1,9 @@
 """A source: what differs between the kinds of input a job reads, behind the one interface the engine drives.
 
-Manifest files (a catalog's product files among them, expanded by a transform) and image archives implement it
-(`factory.jobs.sources`); a training data set is next. The driver (`factory.jobs.run`) and the model stage
-(`factory.jobs.engine.model_stage`) do the rest, the same for every source: resume, markers, the tally, the
-error budget, retries, commits and the summary. What a source holds is what really differs:
+Manifest files (a catalog's product files among them, expanded by a transform), image archives and a training
+data set (captioned images) implement it (`factory.jobs.sources`). The driver (`factory.jobs.run`) and the model
+stage do the rest, the same for every source: resume, markers, the tally, the error budget, retries, commits and
+the summary. What a source holds is what really differs:
 
 - *Planning.* `Source.plan()` cuts the inputs into chunks with a deterministic identity, saves what a re-run
   needs under `_chunks/`, and refuses inputs that changed since the run began. Manifests are planned up front;
@@ -15,12 +15,18 @@ error budget, retries, commits and the summary. What a source holds is what real
   and its items, read lazily: the model stage pulls them, ahead of its calls to the replicas.
 - *Duplicates.* A policy per chunk (`ChunkInput.duplicates`): during the model stage it may hold an item that
   copies another (archives claim each image's digest), and after the chunk's calls link what it held.
-- *Result shaping and sinks.* `ChunkReader.calls()` says what to ask the replicas for an item, and
-  `ChunkReader.row()` makes the item's one result row of the answers, writing what the row points at first
-  (`factory.jobs.engine.writers`).
+- *Result shaping and sinks.* For a stage of Serve replicas, `ReplicaReader.calls()` says what to ask them for
+  an item, and `ReplicaReader.row()` makes the item's one result row of the answers, writing what the row points
+  at first (`factory.jobs.engine.writers`).
 - *The model stage.* `Source.stage()` names the stage its chunks go through (`ModelStage`): for manifests and
   archives the job's Serve replicas, called by workers (`factory.jobs.engine.model_stage.ReplicaStage`); a
-  training data set's would hold its encoders in its own actors and write latents instead of result rows.
+  training data set's holds its encoders in its own actors and commits latents instead of result rows
+  (`factory.jobs.sources.training.encode.EncoderStage`).
+- *What the output feeds.* `Source.finish()` runs once every chunk has its marker, before `_SUCCESS`: nothing for
+  most sources; a training data set's latents train its adapter there (Ray Train), so a run that encoded the
+  images and then lost its trainer resumes by training, not by encoding again.
+- *Checks before Ray.* `Source.check()` refuses, before the driver joins Ray, what the spec alone shows cannot
+  run (a training target layer its profile's transformer does not have).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import pyarrow as pa
 from pydantic import BaseModel
@@ -39,6 +45,9 @@ from factory.io.storage import Storage
 from factory.jobs.engine.counts import ChunkStats, ChunkValidation
 from factory.routing.batch import ReplicaCall
 from factory.routing.requests import TaskResult
+
+if TYPE_CHECKING:
+    from factory.jobs.spec import JobSpec
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,11 @@ class ChunkReader(ABC):
     def where(self, chunk: Any) -> str:
         """What the chunk reads, for log lines and errors (a manifest, a folder, a shard)."""
 
+
+class ReplicaReader(ChunkReader):
+    """The side of a source whose items go to the job's Serve replicas (`ReplicaStage`): what to ask them for an
+    item, and the result row made of their answers."""
+
     @abstractmethod
     async def calls(self, item: Item) -> list[ReplicaCall] | TaskResult:
         """The replica calls for an item's row, or its result without the model (an unreadable input, an image an
@@ -161,6 +175,11 @@ class Source(ABC):
     prepass: ClassVar[bool] = False  # whether `prepare` checks the inputs before the model stage
     counts: ClassVar[str] = "rows"  # what the progress line counts in the model stage
 
+    @classmethod
+    def check(cls, spec: JobSpec, root: str) -> None:
+        """Refuse what the spec alone shows cannot run, before the driver joins Ray and before anything is
+        written under `root`, the run's output (most sources: nothing to check here)."""
+
     @abstractmethod
     def plan(self) -> None:
         """Resolve the inputs and plan the run's chunks, or read back this run's plan and refuse inputs that changed
@@ -194,6 +213,11 @@ class Source(ABC):
     @abstractmethod
     def input_rows(self, markers: list[ChunkStats]) -> int:
         """The run's input rows: manifest lines and catalog products; an archive's objects."""
+
+    def finish(self, markers: list[ChunkStats]) -> None:
+        """Once every chunk has its marker (`markers`, every chunk's) and the summary is written, before `_SUCCESS`:
+        what the run's output feeds (a training data set's latents train its adapter); most sources' output feeds
+        nothing here."""
 
     def validation(self) -> ChunkValidation:
         """What the pre-pass found in every chunk (for `factory validate`); only a source with a pre-pass has it."""

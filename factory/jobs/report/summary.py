@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.jobs.engine.counts import ChunkStats, TenantSummary
+from factory.quality.groups import ScoreReport
 
 
 class RunSummary(BaseModel):
@@ -43,6 +44,11 @@ class RunSummary(BaseModel):
     )
     images_per_second: float = Field(description="Images over the wall time less the replicas' start")
     rows_per_second: float = Field(description="Rows that ran over the wall time less the replicas' start")
+    quality: ScoreReport | None = Field(
+        default=None, description="A run with `quality:`: its rows' scores in all and per tenant, region and adapter "
+        "(CLIPScore and VQA accuracy as rows, sum and mean; BLEU-1..4 of summed counts; CIDEr-D); with intervals in "
+        "quality.json"
+    )
 
 
 def summarize_run(markers: Iterable[ChunkStats], *, job: str, run_id: str, output: str, plan_rejects: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from factory.jobs.report.quality import figure_cells
 from factory.jobs.report.summary import RunSummary, ValidationSummary
 
 STATUSES = ("ok", "blocked", "rejected", "failed")
@@ -45,6 +46,10 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
         f"({summary.images_per_second:.2f} images/s); output: {summary.output}",
         soft_wrap=True,
     )
+    if summary.quality is not None:  # a run with `quality:`; its groups are in summary.json, intervals in quality.json
+        cells = figure_cells(summary.quality.overall) or ["nothing scored"]
+        console.print(f"quality: {' · '.join(cells)}; per tenant, region and adapter in summary.json, with "
+                      "intervals in quality.json", soft_wrap=True, markup=False)
 
 
 def _counts_table(title: str, counts: dict[str, int]) -> Table:

@@ -1,4 +1,8 @@
-"""`factory train`: a tenant's (and region's) style adapter trained from captioned images. Stage 1 encodes every
-image and caption once on Ray Data actors holding only the encoders; stage 2 trains a LoRA on the profile's
-transformer with Ray Train from that cache, checkpointing and validating as it goes; the adapter is then written,
-reported and registered for the tenant like any other."""
+"""A tenant's (and region's) style adapter, trained from captioned images: the second stage of a training run.
+
+The first stage is the run's model stage (`factory.jobs.sources.training`: every image and caption encoded once
+by actors holding only the encoders, latents committed chunk by chunk); then, from the same driver
+(`factory.jobs.run.run_job`), Ray Train trains a LoRA on the profile's transformer from those latents,
+checkpointing and validating as it goes (`train`, `fit`), and the adapter is written, reported and registered for
+the tenant like any other (`registry`). `factory train SPEC.yaml` is a job spec with a `train:` section (`spec`).
+"""

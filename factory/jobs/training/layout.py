@@ -1,10 +1,11 @@
-"""Where a training run's objects live under OUTPUT/<run id>/ (a local folder or an s3:// prefix).
+"""Where a training run's own objects live under OUTPUT/<run id>/ (a local folder or an s3:// prefix), beside
+what every run writes there (`factory.io.layout`: `_chunks/` with the plan and the chunks' markers, `rejects/
+tenant=<t>/` with the images and captions that could not be used, `summary.json`, `_SUCCESS`).
 
-    train_spec.json                         the spec the run started with (a resumed run must match it)
-    cache/dataset.json                      written last by stage 1: its shard folder, counts, data digest
-    cache/<attempt>/*.parquet               VAE latents and caption embeddings, one row per image (Ray Data)
+    train_spec.json                         what the run trains (a resumed run must match it)
+    cache/latents/part-<chunk>-<writer>-<n>.parquet   VAE latents and caption embeddings, one row per image,
+                                            committed by the chunk's encoder worker (the run's model stage)
     cache/empty_caption.parquet             the empty caption's embeddings (caption dropout only)
-    rejects/part-<unit>.parquet             images and captions that could not be used, with the reason
     checkpoints/step-<n>/                   Ray Train checkpoints (adapter, optimizer, progress), its own state
     validation/base/<i>.png                 the base model's image for each validation prompt
     validation/step-<n>/<i>.png             the adapter's at step n
@@ -35,30 +36,31 @@ class TrainingLayout:
         return join(self.root, "cache")
 
     @property
-    def cache_manifest(self) -> str:
-        return join(self.cache, "dataset.json")
+    def latents(self) -> str:
+        return join(self.cache, "latents")
 
-    def cache_attempt(self, attempt: str) -> str:
-        return join(self.cache, attempt)
+    def latents_prefix(self, chunk: str) -> str:
+        """Every latents part of one chunk starts with this."""
+        return join(self.latents, f"part-{chunk}-")
+
+    def latents_part(self, chunk: str, writer: str, sequence: int) -> str:
+        return f"{self.latents_prefix(chunk)}{writer}-{sequence:04d}.parquet"
 
     @property
     def empty_caption(self) -> str:
         return join(self.cache, "empty_caption.parquet")
 
     @property
-    def rejects(self) -> str:
-        return join(self.root, "rejects")
-
-    def reject_part(self, unit: str) -> str:
-        return join(self.rejects, f"part-{unit}.parquet")
+    def validation(self) -> str:
+        return join(self.root, "validation")
 
     def validation_image(self, step: int | None, index: int) -> str:
         folder = "base" if step is None else f"step-{step:06d}"
-        return join(self.root, "validation", folder, f"{index:02d}.png")
+        return join(self.validation, folder, f"{index:02d}.png")
 
     @property
     def validation_prompts(self) -> str:
-        return join(self.root, "validation", "prompts.json")
+        return join(self.validation, "prompts.json")
 
     def adapter(self, name: str) -> str:
         return join(self.root, "adapter", f"{name}.safetensors")

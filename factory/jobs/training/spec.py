@@ -1,6 +1,11 @@
-"""Training specs (`factory train SPEC.yaml`): whose adapter, from which captioned images, on which profile,
-written where, and how it is trained. Every field is typed and described; an unknown key or an impossible value
-is one `ConfigError` line naming it, as in every factory spec (`factory.jobs.spec`)."""
+"""Training specs: `factory train SPEC.yaml` files, and what every training job derives from its `train:` section.
+
+A training spec is a job spec's `train:` section (`factory.jobs.spec.TrainSection`) with the few keys a job spec
+says around it (profile, output, run id, registry) at its top level; `TrainSpec.job()` is the job spec
+`factory train` runs, through the one run driver (`factory.jobs.run.run_job`), as `factory run` runs a job spec
+with a `train:` section. An unknown key or an impossible value is one `ConfigError` line naming it, as in every
+factory spec.
+"""
 
 from __future__ import annotations
 
@@ -8,88 +13,37 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from factory.errors import ConfigError, Loc, one_line, validation_problems
-from factory.jobs.spec import _CONTEXT_SPEC_DIR, _input_from_spec_dir, _model_at, _resolve_location, _suggest, \
-    _yaml_where
-from factory.model.lora.ref import BASE_ADAPTER
+from factory.jobs.spec import (
+    _CONTEXT_SPEC_DIR, JobSpec, Name, TrainSection, _input_from_spec_dir, _model_at, _resolve_location, _suggest,
+    _yaml_where, check_trainable_profile,
+)
 from factory.model.profiles import get_profile
-from factory.model.training.options import TrainOptions
-from factory.routing.tenants import is_name
+from factory.model.training.options import Bucket
+
+JOB_NAME = "train"  # the job name of `factory train` runs (their run id says whose adapter)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+class TrainSpec(TrainSection):
+    """One style adapter for a tenant (and region), trained from captioned images: a `train:` section with the job
+    keys it needs."""
 
-
-def _name(value: str) -> str:
-    if not is_name(value):
-        raise ValueError(f"{value!r} must be a name of letters, digits, '.', '_' or '-' (not a path)")
-    return value
-
-
-Name = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_name)]
-
-
-class Scaling(_Section):
-    """Ray Train's `ScalingConfig`: data-parallel workers, one per GPU (DDP, NCCL) or per CPU slot (gloo)."""
-
-    workers: int = Field(default=1, ge=1, le=1024, description="Training workers; options.batch_size is split "
-                         "evenly between them")
-    use_gpu: bool | None = Field(default=None, description="One GPU per worker; unset: when the profile runs on "
-                                 "a GPU")
-    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each worker reserves (torch uses as many "
-                                   "threads)")
-
-
-class Encoding(_Section):
-    """Stage 1: Ray Data actors holding only the VAE and text encoders, each image and caption encoded once."""
-
-    actors: int = Field(default=1, ge=1, le=256, description="Encoder actors (each loads the encoders once)")
-    batch_size: int = Field(default=8, ge=1, le=1024, description="Images handed to an actor per call")
-    chunk_images: int = Field(default=64, ge=1, le=100_000, description="Images (with their captions) one read "
-                              "task decodes and resizes; a tar shard is one task")
-
-
-class TrainSpec(_Section):
-    """One style adapter for a tenant (and region), trained from captioned images."""
-
-    tenant: Name = Field(description="Tenant the adapter is trained for and registered under")
-    region: Name | None = Field(default=None, description="Region the adapter styles; registered as the tenant's "
-                                "adapter for that region. Unset: registered as the tenant's default adapter")
-    adapter: Name = Field(description="Adapter name in the tenant's registry entry (a name, not a path)")
-    sources: list[Annotated[str, Field(min_length=1), AfterValidator(_input_from_spec_dir)]] = Field(
-        min_length=1,
-        description="Captioned images: folders and s3:// prefixes of images with a .txt, .caption or .json "
-        "caption beside each (a `factory caption --sidecars` run's dataset/ folder is one), tar shards in the "
-        "WebDataset layout (brace patterns such as shard-{000..009}.tar), or a caption run's results (a .parquet "
-        "file, or its results/ folder); relative paths are relative to the spec file's folder",
-    )
     profile: str = Field(default="tiny", min_length=1, description="Model profile whose transformer is trained "
                          "(a FLUX.1 profile; see factory.model.profiles)")
     output: str = Field(min_length=1, description="Folder or s3:// prefix; the run writes OUTPUT/<run id>/ (a "
                         "relative path is relative to the working directory)")
     run_id: Name | None = Field(default=None, description="Names the run under output; the same id resumes it. "
                                 "Unset: <tenant>-<adapter>-<digest of sources, profile and options>")
-    format: Literal["diffusers", "kohya"] = Field(
-        default="diffusers", description="Adapter file layout: diffusers/peft (what diffusers' training scripts "
-        "write) or kohya keys (lora_down/lora_up, read back by diffusers' converter)")
     registry: str | None = Field(default=None, description="Tenants registry YAML the adapter is registered in "
-                                 "(`factory train --register`); relative to the spec file's folder")
-    options: TrainOptions = Field(default_factory=TrainOptions, description="How the adapter is trained")
-    scaling: Scaling = Field(default_factory=Scaling, description="Training workers (Ray Train ScalingConfig)")
-    encoding: Encoding = Field(default_factory=Encoding, description="The encode-once stage (Ray Data)")
-
-    @field_validator("adapter")
-    @classmethod
-    def _not_base(cls, value: str) -> str:
-        if value == BASE_ADAPTER:
-            raise ValueError(f"{BASE_ADAPTER!r} is reserved for the base model")
-        return value
+                                 "(`register: true` or `factory train --register`); relative to the spec file's "
+                                 "folder")
+    revisions: dict[str, str] | None = Field(
+        default=None, description="Hub revisions for the profile's checkpoints, by component, as in a job spec: "
+        "resolved to commits once when the run starts")
 
     @field_validator("output")
     @classmethod
@@ -104,35 +58,41 @@ class TrainSpec(_Section):
     @field_validator("profile")
     @classmethod
     def _flux1_profile(cls, value: str) -> str:
-        try:
-            profile = get_profile(value)
-        except ConfigError as error:  # its line names the known profiles
-            raise ValueError(str(error).removeprefix("profile: ")) from None
-        if profile.generator.family != "flux1":
-            raise ValueError(f"profile {value!r} runs {profile.generator.family}; training supports FLUX.1 "
-                             "profiles (FluxTransformer2DModel)")
+        check_trainable_profile(value)
         return value
 
-    @model_validator(mode="after")
-    def _batch_splits_evenly(self) -> TrainSpec:
-        if self.options.batch_size % self.scaling.workers:
-            raise ValueError(f"options.batch_size: {self.options.batch_size} is not a multiple of scaling.workers "
-                             f"({self.scaling.workers})")
-        return self
-
-    @property
-    def fingerprint(self) -> str:
-        """A digest of what decides the adapter: sources, profile and every training option (cadences too, so a
-        resumed run never mixes two settings)."""
-        decisive = {"sources": self.sources, "profile": self.profile, "options": self.options.model_dump(mode="json")}
-        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+    def job(self) -> JobSpec:
+        """The job spec this training spec is: its `train:` section, profile, output and registry."""
+        section = self.model_dump(include=set(TrainSection.model_fields))
+        return JobSpec.model_validate({"name": JOB_NAME, "output": self.output, "profile": self.profile,
+                                       "tenants": self.registry, "revisions": self.revisions, "train": section})
 
     @property
     def resolved_run_id(self) -> str:
-        return self.run_id or f"{self.tenant}-{self.adapter}-{self.fingerprint[:8]}"
+        return self.run_id or f"{self.tenant}-{self.adapter}-{fingerprint(self.job())[:8]}"
 
-    def uses_gpu(self) -> bool:
-        return self.scaling.use_gpu if self.scaling.use_gpu is not None else get_profile(self.profile).wants_gpu
+
+def fingerprint(spec: JobSpec) -> str:
+    """A digest of what decides a training job's adapter: its sources, profile and revisions (pinned, once the job
+    has started) and every training option (cadences too, so a resumed run never mixes two settings)."""
+    assert spec.train is not None
+    decisive = {"sources": spec.train.sources, "profile": spec.profile, "revisions": spec.revisions or {},
+                "options": spec.train.options.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+
+
+def buckets_of(spec: JobSpec) -> list[Bucket]:
+    """The training resolutions: the options' buckets, else the profile's default image size."""
+    assert spec.train is not None
+    generator = get_profile(spec.profile).generator
+    return list(spec.train.options.buckets or (Bucket(width=generator.width, height=generator.height),))
+
+
+def uses_gpu(spec: JobSpec) -> bool:
+    """Whether the job's encoders and training workers take a GPU each: `scaling.use_gpu`, else the profile's."""
+    assert spec.train is not None
+    use_gpu = spec.train.scaling.use_gpu
+    return use_gpu if use_gpu is not None else get_profile(spec.profile).wants_gpu
 
 
 def load_train_spec(path: str | os.PathLike[str]) -> TrainSpec:

@@ -1,6 +1,6 @@
 """Stage 2: Ray Train's `TorchTrainer` trains the LoRA from the cache (DDP: NCCL on GPUs, gloo on CPUs).
 
-Each worker reads the cache's Parquet shards itself rather than through `ray.train.get_dataset_shard`: the
+Each worker reads the run's latents (`cache/latents/`) itself rather than through `ray.train.get_dataset_shard`: the
 data order must be a pure function of (seed, step), so that a resumed run continues exactly where the killed one
 was and one worker or several train on the same global batches; a streaming split hands each worker whatever
 blocks arrive and has no position to resume from. A LoRA data set's cache is small enough for every worker to
@@ -25,12 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from factory.errors import ModelError
 from factory.io.storage import Storage
-from factory.jobs.commit import read_parquet_bytes
-from factory.jobs.training.encode import read_cache
+from factory.jobs.engine.commit import read_parquet_bytes
+from factory.jobs.spec import JobSpec
+from factory.jobs.training.latents import read_latents
 from factory.jobs.training.layout import CHECKPOINTS, TrainingLayout, checkpoint_name
-from factory.jobs.training.spec import TrainSpec
+from factory.jobs.training.spec import uses_gpu
 from factory.logs import quiet_library_noise
-from factory.model.profiles import get_profile
+from factory.model.profiles import Profile, get_profile, with_revisions
 from factory.model.stack import resolve_sources
 from factory.model.training.adapter import save_lora
 from factory.model.training.cache import read_samples
@@ -49,16 +50,20 @@ class WorkerJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     profile: str = Field(description="Profile whose transformer is trained")
+    revisions: dict[str, str] | None = Field(description="The commits the job pinned its hub checkpoints to")
     options: TrainOptions = Field(description="The spec's training options")
-    shards: str = Field(description="The cache's Parquet folder")
     empty_caption: str | None = Field(description="The empty caption's cache row (caption dropout), or None")
-    root: str = Field(description="OUTPUT/<run id>: where validation images are written")
+    root: str = Field(description="OUTPUT/<run id>: the latents are read and validation images written there")
     endpoint_url: str | None = Field(description="The driver's S3 endpoint (Storage settings travel with the job)")
     region: str = Field(description="The driver's S3 region")
     prompts: list[str] = Field(description="Validation prompts, in order")
     width: int = Field(description="Validation image width (the first bucket's)")
     height: int = Field(description="Validation image height")
     metadata: dict[str, str] = Field(description="What every adapter file's header says of the run")
+
+    def loaded_profile(self) -> Profile:
+        """The profile at the job's pinned commits."""
+        return with_revisions(get_profile(self.profile), self.revisions)
 
 
 def adapter_metadata(job: WorkerJob, progress: Progress) -> dict[str, str]:
@@ -75,7 +80,7 @@ def adapter_metadata(job: WorkerJob, progress: Progress) -> dict[str, str]:
 
 
 def load_data(storage: Storage, job: WorkerJob) -> TrainingData:
-    samples = read_samples(read_cache(storage, job.shards))
+    samples = read_samples(read_latents(storage, TrainingLayout(job.root)))
     train, held_out = split_held_out(samples, job.options.held_out_fraction)
     empty = None
     if job.empty_caption is not None:
@@ -89,7 +94,7 @@ class RankZero:
 
     def __init__(self, job: WorkerJob, storage: Storage, source: str):
         self.job, self.storage, self.layout = job, storage, TrainingLayout(job.root)
-        profile = get_profile(job.profile).generator
+        profile = job.loaded_profile().generator
         self.validator = Validator(source, profile, job.prompts, width=job.width, height=job.height,
                                    seed=job.options.seed)
 
@@ -121,7 +126,7 @@ def train_worker(config: dict[str, Any]) -> None:
     structlog.contextvars.bind_contextvars(run=Path(job.root).name, tenant=job.metadata.get("tenant"),
                                            adapter=job.metadata.get("adapter"), rank=rank)
     storage = Storage(job.endpoint_url, job.region)
-    profile = get_profile(job.profile)
+    profile = job.loaded_profile()
     source, _, _ = resolve_sources(profile)
     session = TrainingSession.load(source, profile.generator, job.options, load_data(storage, job),
                                    device=ray.train.torch.get_device(), rank=rank, world=world,
@@ -168,21 +173,23 @@ def _report(session: TrainingSession, job: WorkerJob, rank: int) -> None:
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
-def train_adapter(spec: TrainSpec, layout: TrainingLayout, storage: Storage, job: WorkerJob,
+def train_adapter(spec: JobSpec, layout: TrainingLayout, storage: Storage, job: WorkerJob,
                   into: Path) -> Progress:
     """Run (or resume) stage 2; copies the last checkpoint's adapter to `into` and returns the run's progress."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.exceptions import TrainingFailedError
 
+    assert spec.train is not None
+    scaling = spec.train.scaling
     filesystem, path = storage.arrow_filesystem(layout.root)
     trainer = TorchTrainer(
         train_worker, train_loop_config=job.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=spec.scaling.workers, use_gpu=spec.uses_gpu(),
-                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=uses_gpu(spec),
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(
             name=CHECKPOINTS, storage_path=path, storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.options.checkpoints_kept),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.options.checkpoints_kept),
             failure_config=FailureConfig(max_failures=0),
             # Ray Train's INFO lines (process groups, every checkpoint) would fight factory's console.
             logging_config=LoggingConfig(log_level="WARNING"),

@@ -22,7 +22,7 @@ from factory.io.archives import (
     Entry, read_file_entry, read_folder_entries, read_prefix_entries, read_tar_entries, read_zip_entries,
 )
 from factory.io.images import prepare_image
-from factory.jobs.engine.source import ChunkDuplicates, ChunkInput, ChunkReader, Item, RunContext
+from factory.jobs.engine.source import ChunkDuplicates, ChunkInput, Item, ReplicaReader, RunContext
 from factory.jobs.engine.writers import ImageWriter
 from factory.jobs.sources.archives.copies import DigestClaims
 from factory.jobs.sources.archives.listing import ArchiveChunk
@@ -44,7 +44,7 @@ class ArchiveWork:
     budget_pixels: int  # an image is shrunk to this many pixels before it is sent
 
 
-class ArchiveReader(ChunkReader):
+class ArchiveReader(ReplicaReader):
     """The archives' side on the workers; see the module docstring."""
 
     chunk_model = ArchiveChunk

@@ -1,4 +1,4 @@
-"""Catalog expansion: a product catalog and target regions become generation rows (sku x region x size x variant).
+"""Catalog expansion: a product catalog and target regions become ad rows (sku x region x size x variant).
 
 A job's `catalog:` section names product files (JSONL, CSV or Parquet, local or s3://; one product per row with
 at least `sku` and `tenant`) and regions, each with a prompt template, its locale words and style, and sizes.
@@ -10,10 +10,17 @@ The catalog is a transform over manifest records, not a source of its own: its p
 read as manifests are, and `CatalogExpansion` turns each product record into the records of its rows, which are
 then validated like any manifest row.
 
+A product without a packshot becomes text-to-image rows through its region's `template`. A product with one
+(`image`: a path relative to the product file, or an s3:// URI) becomes `edit` rows of that image through its
+region's `edit_template` (an instruction that changes the scene and keeps the product), at the region's sizes:
+the ad shows the tenant's actual product. Its image is then checked and read like any row's image (the tenant's
+input roots, the input safety check), and its bytes' sha256 is what reuse across nights keys on.
+
 Templates are `str.format` fields naming product fields, the region's `fields`, and `{region}`, `{locale}`,
 `{style}`; only plain names are allowed (no attribute or index access), and a product that lacks a field its
-region's template needs is rejected with the field named. Optional `checks` ask the VLM about every generated
-image (a question, or a caption) through the same replica call; answers land in the result's `checks` column.
+region's template needs is rejected with the field named. Optional `checks` ask the VLM about every generated or
+edited image (a question, or a caption) through the same replica call; answers land in the result's `checks`
+column.
 """
 
 from __future__ import annotations
@@ -38,18 +45,25 @@ def stable_seed(tenant: str, row_id: str) -> int:
 
 
 def expand_product(product: dict[str, Any], catalog: CatalogSpec, default_size: Size) -> list[dict[str, Any]]:
-    """The generation rows (manifest-row dicts) of one product; raises ExpansionError naming the field."""
+    """The rows (manifest-row dicts) of one product: edits of its packshot when it has one, else generations;
+    raises ExpansionError naming the field."""
     sku = _text(product.get("sku"))
     if not sku:
         raise ExpansionError("sku", "a product needs a sku (a non-empty string or number)")
     tenant = _text(product.get("tenant"))
     if not tenant:
         raise ExpansionError("tenant", f"product {sku} needs a tenant")
+    packshot = _packshot(product, sku)
     values = {key: _text(value) for key, value in product.items() if isinstance(key, str)}
     rows = []
     for region in _regions_of(product, catalog, sku):
         spec = catalog.regions[region]
         template = spec.template or catalog.template
+        if packshot is not None:
+            template = spec.edit_template or catalog.edit_template
+            if template is None:
+                raise ExpansionError("image", f"product {sku} has a packshot (image), but region {region} has no "
+                                     "edit_template and neither has the catalog")
         words = {**values, **spec.fields, "region": region, "locale": spec.locale, "style": spec.style}
         missing = [name for name in template_fields(template) if not words.get(name)]
         if missing:
@@ -62,10 +76,13 @@ def expand_product(product: dict[str, Any], catalog: CatalogSpec, default_size: 
         for size in spec.sizes or catalog.sizes or [default_size]:
             for variant in range(1, catalog.variants + 1):
                 row_id = f"{sku}-{region}-{size.width}x{size.height}-v{variant}"
-                rows.append({
+                row = {
                     "id": row_id, "tenant": tenant, "region": region, "task": "generate", "prompt": prompt,
                     "seed": stable_seed(tenant, row_id), "width": size.width, "height": size.height,
-                })
+                }
+                if packshot is not None:
+                    row.update(task="edit", image=packshot)
+                rows.append(row)
     return rows
 
 
@@ -75,7 +92,7 @@ def checks_of(catalog: CatalogSpec) -> list[ImageCheck]:
 
 class CatalogExpansion:
     """The transform a product file's records go through before validation: one product record in, the records
-    of its generation rows out (same file and line); after validation, each request gets the catalog's checks."""
+    of its rows out (same file and line); after validation, each request gets the catalog's checks."""
 
     def __init__(self, catalog: CatalogSpec, default_size: Size):
         self.catalog = catalog
@@ -91,8 +108,18 @@ class CatalogExpansion:
         return [ManifestRecord(record.source, record.line, row) for row in rows]
 
     def finish(self, request: TaskRequest) -> TaskRequest:
-        """A validated row's request, with the questions the catalog asks of every generated image."""
+        """A validated row's request, with the questions the catalog asks of every generated or edited image."""
         return request.model_copy(update={"checks": self.checks}) if self.checks else request
+
+
+def _packshot(product: dict[str, Any], sku: str) -> str | None:
+    """The product's packshot URI, or None (absent, or blank as a CSV cell would be)."""
+    image = product.get("image")
+    if image is None or (isinstance(image, str) and not image.strip()):
+        return None
+    if not isinstance(image, str):
+        raise ExpansionError("image", f"product {sku}: image must be one path or URI (its packshot)")
+    return image.strip()
 
 
 def _regions_of(product: dict[str, Any], catalog: CatalogSpec, sku: str) -> list[str]:

@@ -175,7 +175,7 @@ def write_duplicate_rejects(ctx: ValidateContext, chunk: Chunk, index: DedupInde
                                   f"duplicate id {row['id']!r} (first at {duplicates[row['line']][1]})",
                                   fields, row["id"], row["tenant"]))
     publish_rejects(ctx.storage, ctx.layout, rejects, chunk.id, DUPLICATE_REJECTS, known=ctx.known_tenants)
-    return count_requests(chunk.id, repeated)
+    return count_requests(chunk.id, repeated, ctx.profile.generator)
 
 
 def duplicate_rejects(batch: dict[str, np.ndarray], ctx: ValidateContext, index: DedupIndex) -> dict[str, np.ndarray]:

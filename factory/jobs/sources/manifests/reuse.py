@@ -2,23 +2,29 @@
 
 A generation row's image is a function of its resolved inputs: prompt, seed, size, steps, guidance, the checks
 asked of it, the tenant and region (their safety lists apply), the adapter's sha256 and strength, the model
-profile with its version and speed options, and the safety policy. Their sha256 is the row's content key. When a
+profile with its version and speed options, and the safety policy; an edit row's also of the sha256 of each of its
+references' bytes as read, so the same packshot is reused the next night and a changed one (even under the same
+name) is made again. Their sha256 is the row's content key. When a
 run commits an ok image, it records the key under `OUTPUT/_reuse/<key[:2]>/<key>.json` (beside the runs, shared
 by them) with the image's URI and what the row said about it. A later run that finds its row's key there copies
 that image into its own run folder instead of calling the model, and its result row names the source in
-`reused_from`. A record whose image is gone (an old run deleted) is ignored and replaced.
+`reused_from`. A record whose image is gone (an old run deleted) is ignored and replaced. A job that scores its
+images (`quality.clip_score`) keys them with its CLIP model too, and a reused row keeps the score its record holds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 
+from PIL import Image
 from pydantic import BaseModel
 
 from factory.errors import InputError
 from factory.io.storage import Storage, join
+from factory.jobs.engine.scores import scoring_clip_model
 from factory.routing.requests import Status, Task, TaskRequest, TaskResult
 
 REUSE_FOLDER = "_reuse"
@@ -34,6 +40,7 @@ class ReuseContext:
     performance: str
     safety: str  # digest of the job's safety policy
     adapters: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> (sha256, scale)
+    clip_model: str | None = None  # a job that scores its images: the CLIP model its rows' clip_score comes from
 
 
 class ReuseRecord(BaseModel):
@@ -48,16 +55,18 @@ class ReuseRecord(BaseModel):
     safety_decided_by: str | None = None
     safety_labels: list[str] | None = None
     safety_scores: list[float] | None = None
+    clip_score: float | None = None
 
 
 def reuse_index(output: str) -> str:
     return join(output, REUSE_FOLDER)
 
 
-def content_key(request: TaskRequest, ctx: ReuseContext) -> str | None:
-    """The row's content key, or None for rows that are not reusable (not generation, or an adapter whose
-    file cannot be identified)."""
-    if request.task is not Task.GENERATE:
+def content_key(request: TaskRequest, ctx: ReuseContext, reference_sha256: list[str] | None = None) -> str | None:
+    """The row's content key, or None for rows that are not reusable (not generation or edit, an edit whose
+    references' digests are not known, or an adapter whose file cannot be identified). `reference_sha256`: an edit's
+    references' digests (`factory.routing.batch.reference_digests` of the bytes read)."""
+    if request.task not in (Task.GENERATE, Task.EDIT) or (request.task is Task.EDIT and not reference_sha256):
         return None
     adapter = None
     if request.adapter is not None:
@@ -70,6 +79,10 @@ def content_key(request: TaskRequest, ctx: ReuseContext) -> str | None:
         "checks": [check.model_dump() for check in request.checks], "adapter": adapter, "profile": ctx.profile,
         "model_version": ctx.model_version, "performance": ctx.performance, "safety": ctx.safety,
     }
+    if request.task is Task.EDIT:  # only edits carry it: generation rows keep the keys earlier runs recorded
+        inputs["edit_references"] = list(reference_sha256 or ())
+    if ctx.clip_model is not None:  # as with checks, the row's score is part of what is reused; unscored keys stay
+        inputs["clip_model"] = ctx.clip_model
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -86,15 +99,23 @@ def lookup(storage: Storage, ctx: ReuseContext, key: str) -> tuple[ReuseRecord, 
         return None
 
 
-def reused_result(request: TaskRequest, record: ReuseRecord, image_png: bytes, profile: str) -> TaskResult:
+def reused_result(request: TaskRequest, record: ReuseRecord, image_png: bytes, profile: str,
+                  reference_sha256: list[str] | None = None) -> TaskResult:
+    """The result of a row whose image an earlier run made from the same inputs (an edit's: its references and
+    their digests, which the key held)."""
+    width, height = request.width, request.height
+    if width is None or height is None:  # an edit sized by its first reference: the size it was made at
+        with Image.open(io.BytesIO(image_png)) as image:
+            width, height = image.size
     return TaskResult(
         id=request.id, tenant=request.tenant, region=request.region, task=request.task, status=Status.OK,
         prompt=request.prompt, adapter=request.adapter, adapter_sha256=record.adapter_sha256, profile=profile,
         model_version=record.model_version, performance=record.performance, checks=record.checks,
-        seed=request.seed, steps=request.steps, width=request.width, height=request.height,
+        seed=request.seed, steps=request.steps, width=width, height=height,
         guidance=request.guidance, image_png=image_png, reused_from=record.image_uri,
+        reference_uris=list(request.images) if request.images else None, reference_sha256=reference_sha256,
         safety_verdict=record.safety_verdict, safety_decided_by=record.safety_decided_by,
-        safety_labels=record.safety_labels, safety_scores=record.safety_scores,
+        safety_labels=record.safety_labels, safety_scores=record.safety_scores, clip_score=record.clip_score,
     )
 
 
@@ -105,7 +126,7 @@ def remember(storage: Storage, ctx: ReuseContext, key: str, result: TaskResult, 
         image_uri=result.image_uri or "", run_id=run_id, row_id=result.id, model_version=result.model_version,
         performance=result.performance, adapter_sha256=result.adapter_sha256, checks=result.checks,
         safety_verdict=result.safety_verdict, safety_decided_by=result.safety_decided_by,
-        safety_labels=result.safety_labels, safety_scores=result.safety_scores,
+        safety_labels=result.safety_labels, safety_scores=result.safety_scores, clip_score=result.clip_score,
     )
     uri, data = record_uri(ctx, key), record.model_dump_json().encode()
     if storage.put_if_absent(uri, data):
@@ -137,6 +158,7 @@ def reuse_context(spec, registry, storage: Storage) -> ReuseContext:
         index_root=reuse_index(spec.output), profile=profile.name, model_version=model_version(profile),
         performance=profile.generator.performance.tag(),
         safety=hashlib.sha256(spec.safety.model_dump_json().encode()).hexdigest(), adapters=adapters,
+        clip_model=scoring_clip_model(spec),
     )
 
 

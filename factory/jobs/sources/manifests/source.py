@@ -5,8 +5,8 @@ Planned up front: every manifest is cut into chunks of `chunk_rows` lines, saved
 pre-pass validates every chunk once per run and stages its requests as typed Parquet (`validate`), then rejects
 repeated (tenant, id) keys in one barrier (`duplicates`). On a worker, a chunk's items are its staged requests
 minus its duplicates and what earlier attempts committed, ordered by adapter; an item's call carries its input
-image's bytes (fetched under its tenant's input roots), or it takes the image an earlier run made from the same
-inputs (`reuse`) without a call.
+images' bytes (a caption's image, every reference of an edit; fetched under its tenant's input roots), or it
+takes the image an earlier run made from the same inputs (`reuse`) without a call.
 """
 
 from __future__ import annotations
@@ -28,19 +28,22 @@ from factory.jobs.engine.commit import publish_rejects
 from factory.jobs.engine.counts import ChunkStats, ChunkValidation
 from factory.jobs.engine.model_stage import ReplicaStage
 from factory.jobs.engine.resume import MARKER_READERS, chunk_finished, row_identity
+from factory.jobs.engine.scores import row_scores
 from factory.jobs.sources.manifests.reuse import (
     ReuseContext, content_key, lookup, remember, reuse_context, reused_result,
 )
-from factory.jobs.engine.source import ChunkInput, ChunkReader, Item, Pending, Planned, RunContext, Source
+from factory.jobs.engine.source import ChunkInput, Item, Pending, Planned, ReplicaReader, RunContext, Source
 from factory.jobs.engine.writers import ImageWriter
+from factory.jobs.sources.manifests.benchmarks import stage_benchmarks
 from factory.jobs.sources.manifests.duplicates import DedupIndex, find_repeated_ids, load_duplicates, shard_count
 from factory.jobs.sources.manifests.files import expand_manifest_uris
 from factory.jobs.sources.manifests.plan import Chunk, ChunkPlan, load_or_build_plan
 from factory.jobs.sources.manifests.validate import (
     VALIDATED, TenantRoots, ValidateContext, reject_row, staged_requests,
 )
-from factory.jobs.spec import JobSpec, generation_defaults
-from factory.routing.batch import ReplicaCall
+from factory.jobs.spec import JobSpec, QualitySpec, generation_defaults
+from factory.model.profiles import get_profile
+from factory.routing.batch import ReplicaCall, reference_digests
 from factory.routing.executor import base_result
 from factory.routing.requests import Status, TaskRequest, TaskResult
 from factory.routing.tenants import TenantRegistry
@@ -69,15 +72,16 @@ def ordered_by_adapter(requests: list[tuple[int, TaskRequest]], window: int | No
     return [item for start in range(0, len(requests), size) for item in sorted(requests[start:start + size], key=key)]
 
 
-class ManifestReader(ChunkReader):
+class ManifestReader(ReplicaReader):
     """The manifests' side on the workers; see the module docstring."""
 
     chunk_model = Chunk
 
     def __init__(self, ctx: ValidateContext, index: DedupIndex, *, allow_http: bool, adapter_window: int | None,
-                 reuse: ReuseContext | None):
+                 reuse: ReuseContext | None, quality: QualitySpec | None = None):
         self.ctx, self.index = ctx, index
         self.allow_http, self.adapter_window, self.reuse = allow_http, adapter_window, reuse
+        self.quality = quality
         self.images = ImageWriter(ctx.storage, ctx.layout)
 
     def where(self, chunk: Chunk) -> str:
@@ -105,27 +109,31 @@ class ManifestReader(ChunkReader):
                        data=ManifestRow(line, request, roots))
 
     async def calls(self, item: Item) -> list[ReplicaCall] | TaskResult:
-        """The call with its input image's bytes; or, without a call, an image an earlier run made from the same
-        inputs, or the row's failure to read its input. The roots were checked at validation; checked again
+        """The call with its input images' bytes (a caption's image, or every reference of an edit); or, without
+        a call, an image an earlier run made from the same inputs (an edit's: from references with the same
+        bytes), or the row's failure to read an input. The roots were checked at validation; checked again
         here, as links may have changed since."""
         row: ManifestRow = item.data
         request, storage = row.request, self.ctx.storage
+        inputs = []
+        for field, uri in request.named_inputs:
+            try:
+                inputs.append(await asyncio.to_thread(fetch_bytes, uri, storage, allow_http=self.allow_http,
+                                                      roots=row.roots.of(request.tenant)))
+            except InputError as error:
+                return base_result(request, None, status=Status.REJECTED, error=f"{field}: {error}")
+            except StorageUnavailable as error:  # retried by the store already: fail the row, a re-run retries it
+                return base_result(request, None, status=Status.FAILED, error=f"{field}: {error}")
+        references = inputs if request.images else None
         if self.reuse is not None:
-            key = content_key(request, self.reuse)
+            digests = reference_digests(references) if references is not None else None
+            key = content_key(request, self.reuse, digests)
             found = key and await asyncio.to_thread(lookup, storage, self.reuse, key)
             if found:
                 record, image_png = found
-                return reused_result(request, record, image_png, self.reuse.profile)
-        image_bytes = None
-        if request.image is not None:
-            try:
-                image_bytes = await asyncio.to_thread(fetch_bytes, request.image, storage,
-                                                      allow_http=self.allow_http, roots=row.roots.of(request.tenant))
-            except InputError as error:
-                return base_result(request, None, status=Status.REJECTED, error=f"image: {error}")
-            except StorageUnavailable as error:  # retried by the store already: fail the row, a re-run retries it
-                return base_result(request, None, status=Status.FAILED, error=f"image: {error}")
-        return [ReplicaCall(request=request, image_bytes=image_bytes)]
+                return reused_result(request, record, image_png, self.reuse.profile, digests)
+        image_bytes = inputs[0] if request.image is not None else None
+        return [ReplicaCall(request=request, image_bytes=image_bytes, reference_bytes=references)]
 
     async def row(self, chunk: Chunk, item: Item, results: list[TaskResult], attempts: int) -> dict:
         """The result row; its image written first, and remembered for later runs when the model made it."""
@@ -133,12 +141,12 @@ class ManifestReader(ChunkReader):
         request = row.request
         result = await self.images.write(request.tenant, request.id, results[0])
         if attempts and result.status is Status.OK and result.image_uri and self.reuse is not None:
-            key = content_key(request, self.reuse)
+            key = content_key(request, self.reuse, result.reference_sha256)  # the runner hashed what it was sent
             if key is not None:
                 await asyncio.to_thread(remember, self.ctx.storage, self.reuse, key, result, self.ctx.run_id)
         out = result.model_dump(mode="json", exclude={"image_png", "quarantine_png"})
         out.update(attempts=attempts, run_id=self.ctx.run_id, manifest=chunk.source, manifest_line=row.line,
-                   finished_at=datetime.now(UTC))
+                   finished_at=datetime.now(UTC), **row_scores(result, self.quality))
         return out
 
 
@@ -153,6 +161,7 @@ class ManifestSource(Source):
         self.registry = TenantRegistry.from_file(spec.tenants) if spec.tenants else None
         self.plan_: ChunkPlan | None = None
         self.products: frozenset[str] = frozenset()
+        self.benchmark_roots: dict[str, tuple[str, ...]] = {}  # a benchmark's staged manifest -> its images
         self.index: DedupIndex | None = None
 
     @property
@@ -163,6 +172,9 @@ class ManifestSource(Source):
     def plan(self) -> None:
         storage, spec = self.run.storage, self.spec
         manifests = expand_manifest_uris(spec.inputs or [], storage)
+        staged = stage_benchmarks(spec.benchmarks, storage, self.run.layout)
+        self.benchmark_roots = {uri: (entry.images,) for uri, entry in zip(staged, spec.benchmarks, strict=True)}
+        manifests += staged
         products = expand_manifest_uris(spec.catalog.products, storage) if spec.catalog is not None else []
         self.plan_ = load_or_build_plan(manifests + products, storage, spec.chunk_rows, self.run.layout.plan)
         self.products = frozenset(products)
@@ -175,8 +187,12 @@ class ManifestSource(Source):
         """What validating a chunk needs (and, with the index, what reading one needs); shipped to Ray workers."""
         ctx = ValidateContext(
             run_id=self.run.run_id, layout=self.run.layout, storage=self.run.storage,
-            defaults=generation_defaults(self.spec), shards=1, registry=self.registry, tally=self.run.tally,
-            catalog=self.spec.catalog, catalog_sources=self.products, input_roots=tuple(self.spec.input_roots),
+            defaults=generation_defaults(self.spec), profile=get_profile(self.spec.profile), shards=1,
+            registry=self.registry, tally=self.run.tally,
+            catalog=self.spec.catalog, catalog_sources=self.products,
+            input_roots=tuple(self.spec.input_roots),
+            # A benchmark's images folder is named by the operator in the spec: its own rows may read there.
+            manifest_roots=self.benchmark_roots,
         )
         return replace(ctx, shards=shard_count(sum(ctx.expected_rows(chunk) for chunk in self.chunk_plan.chunks)))
 
@@ -202,7 +218,7 @@ class ManifestSource(Source):
         assert self.index is not None, "prepare() first"
         reuse = reuse_context(self.spec, self.registry, self.run.storage) if self.spec.reuse else None
         return ManifestReader(self.context(), self.index, allow_http=self.spec.allow_http,
-                              adapter_window=self.spec.adapter_window, reuse=reuse)
+                              adapter_window=self.spec.adapter_window, reuse=reuse, quality=self.spec.quality)
 
     def stage(self, retry_failed: bool) -> ReplicaStage:
         return ReplicaStage(self.spec, retry_failed=retry_failed, registry=self.registry)

@@ -1,6 +1,7 @@
-"""A training run's figures: `train_report.json` (what `factory report` will show beside the validation images)
-and `loss_curve.png`, drawn with Pillow (the training loss of every step, its moving average, and the held-out
-loss at each validation against the base model's)."""
+"""A training run's figures: `train_report.json` (the run's counts, losses and adapter) and `loss_curve.png`, the
+training loss of every step, its moving average, and the held-out loss at each validation against the base
+model's (drawn with Pillow). Written by stage 2 (`fit`); `factory report` makes a page of them.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ class TrainReport(BaseModel):
     held_out: dict[str, float] = Field(description="Held-out loss by step (step 0: the base model)")
     validation_prompts: list[str] = Field(description="Prompts of the validation images, in order")
     validation_steps: list[int] = Field(description="Steps with validation images (0: the base model's)")
+    registry: str | None = Field(default=None, description="The tenants registry it is registered in, if asked")
+    registered: bool | None = Field(
+        default=None, description="What the last attempt did to the registry: True, added the adapter; False, "
+        "found it registered already; None, not asked to register")
 
 
 def moving_average(values: list[float], window: int = _AVERAGE) -> list[float]:

@@ -400,9 +400,17 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
+def _plain_template(template: str) -> str:
+    template_fields(template)
+    return template
+
+
+Template = Annotated[str, AfterValidator(_plain_template)]
+
+
 class RegionSpec(_CatalogSection):
-    template: str | None = Field(default=None, description="Prompt template (default: the catalog's template)")
-    edit_template: str | None = Field(
+    template: Template | None = Field(default=None, description="Prompt template (default: the catalog's template)")
+    edit_template: Template | None = Field(
         default=None, description="Instruction template for products with a packshot (`image`), which become edit "
         "rows (default: the catalog's edit_template)"
     )
@@ -410,13 +418,6 @@ class RegionSpec(_CatalogSection):
     style: str = Field(default="", max_length=500, description="Style words, available as {style}")
     fields: dict[str, str] = Field(default_factory=dict, description="Region wording, available by name")
     sizes: list[Size] | None = Field(default=None, min_length=1, description="Sizes (default: the catalog's)")
-
-    @field_validator("template", "edit_template")
-    @classmethod
-    def _plain_fields(cls, value: str | None) -> str | None:
-        if value is not None:
-            template_fields(value)
-        return value
 
 
 class CheckSpec(_CatalogSection):
@@ -436,10 +437,10 @@ class CheckSpec(_CatalogSection):
 class CatalogSpec(_CatalogSection):
     products: list[str] = Field(min_length=1, description="Product files (JSONL, CSV, Parquet; local or s3://)")
     regions: dict[str, RegionSpec] = Field(min_length=1, description="Target regions by name")
-    template: str = Field(
+    template: Template = Field(
         default="{name}, {style}", description="Prompt template for regions without their own"
     )
-    edit_template: str | None = Field(
+    edit_template: Template | None = Field(
         default=None, description="Instruction template for regions without their own, for products that carry a "
         "packshot in `image` (relative to the product file, or s3://): such a product becomes edit rows that keep "
         "it and change the scene, e.g. 'place the product on a {scene}, {style}; keep the product, its label and "
@@ -452,13 +453,6 @@ class CatalogSpec(_CatalogSection):
         "comma-separated string); a product without it goes to every region"
     )
     checks: list[CheckSpec] = Field(default_factory=list, description="Questions or captions per generated image")
-
-    @field_validator("template", "edit_template")
-    @classmethod
-    def _plain_fields(cls, value: str | None) -> str | None:
-        if value is not None:
-            template_fields(value)
-        return value
 
     @field_validator("regions")
     @classmethod

@@ -4,7 +4,6 @@ calls, not only files), and the run's gallery opened in a real headless Chromium
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -20,10 +19,10 @@ from factory.jobs.engine.commit import read_table
 from factory.jobs.run import run_job
 from factory.jobs.sources.manifests.catalog import stable_seed
 from factory.jobs.spec import load_spec
+from tests.catalogs import write_catalog_job
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 PRODUCTS = [
     {"sku": "shoe-1", "tenant": "acme", "name": "running shoes", "regions": ["eu", "na"]},
     {"sku": "mug-2", "tenant": "acme", "name": "coffee mug", "regions": "eu"},
@@ -34,28 +33,18 @@ PRODUCTS = [
 
 
 def write_job(folder: Path, products: list[dict]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "products.jsonl").write_text("".join(json.dumps(product) + "\n" for product in products))
-    shutil.copy(REPO / "jobs" / "tenants.yaml", folder / "tenants.yaml")
-    shutil.copytree(REPO / "jobs" / "adapters", folder / "adapters", dirs_exist_ok=True)
-    spec = folder / "ads.yaml"
-    spec.write_text(f"""
-name: ads
-output: {folder / 'out'}
-tenants: tenants.yaml
-defaults: {{steps: 2, width: 64, height: 64}}
-commit: {{rows: 4, seconds: 0.5}}
-safety: {{prompt_terms: [forbidden]}}
+    return write_catalog_job(folder, products, """
+commit: {rows: 4, seconds: 0.5}
+safety: {prompt_terms: [forbidden]}
 catalog:
   products: [products.jsonl]
-  template: "advertisement for {{name}}, {{claim}}, {{style}}"
+  template: "advertisement for {name}, {claim}, {style}"
   regions:
-    eu: {{style: minimal, fields: {{claim: jetzt neu}}}}
-    na: {{style: bold, fields: {{claim: new this season}}, sizes: [{{width: 64, height: 96}}]}}
+    eu: {style: minimal, fields: {claim: jetzt neu}}
+    na: {style: bold, fields: {claim: new this season}, sizes: [{width: 64, height: 96}]}
   checks:
-    - {{name: product_visible, question: "Is the product visible?"}}
+    - {name: product_visible, question: "Is the product visible?"}
 """)
-    return spec
 
 
 def run(spec: Path, run_id: str, address: str):

@@ -5,7 +5,6 @@ the packshot's bytes, and every way an edit row is refused, each with its reason
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -21,10 +20,10 @@ from factory.jobs.report.gallery import build_gallery
 from factory.jobs.run import run_job, validate_job
 from factory.jobs.spec import load_spec
 from factory.model.generator import fit_size
+from tests.catalogs import write_catalog_job
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 INSTRUCTION = "place the product on a beach at sunset"
 
 
@@ -229,26 +228,17 @@ def catalog_job(folder: Path, sample_images: dict[str, Path]) -> Path:
     packshots.mkdir(parents=True, exist_ok=True)
     shutil.copy(sample_images["coffee"], packshots / "cup.png")
     shutil.copy(sample_images["chelsea"], packshots / "cat.png")
-    (folder / "products.jsonl").write_text("".join(json.dumps(product) + "\n" for product in PRODUCTS))
-    shutil.copy(REPO / "jobs" / "tenants.yaml", folder / "tenants.yaml")
-    shutil.copytree(REPO / "jobs" / "adapters", folder / "adapters", dirs_exist_ok=True)
-    spec = folder / "ads.yaml"
-    spec.write_text(f"""
-name: ads
-output: {folder / 'out'}
-tenants: tenants.yaml
-defaults: {{steps: 2, width: 64, height: 64}}
+    return write_catalog_job(folder, PRODUCTS, """
 catalog:
   products: [products.jsonl]
-  template: "advertisement for {{name}}, {{style}}"
-  edit_template: "place the product on a {{scene}}, {{style}}; keep the product, its label and its colours unchanged"
+  template: "advertisement for {name}, {style}"
+  edit_template: "place the product on a {scene}, {style}; keep the product, its label and its colours unchanged"
   regions:
-    eu: {{style: minimal, fields: {{scene: marble kitchen counter}}}}
-    na: {{style: bold, fields: {{scene: picnic table}}, sizes: [{{width: 64, height: 96}}]}}
+    eu: {style: minimal, fields: {scene: marble kitchen counter}}
+    na: {style: bold, fields: {scene: picnic table}, sizes: [{width: 64, height: 96}]}
   checks:
-    - {{name: product_visible, question: "Is the product visible?"}}
+    - {name: product_visible, question: "Is the product visible?"}
 """)
-    return spec
 
 
 def test_a_catalog_with_packshots_makes_per_region_edits_and_reuses_them_until_the_packshot_changes(

@@ -53,9 +53,14 @@ def test_a_product_that_cannot_expand_names_the_field(product, field, reason):
 
 
 @pytest.mark.parametrize("template", ["{name.__class__}", "{name[0]}", "{name!r}", "{name:>10}", "{0}"])
-def test_templates_take_plain_names_only(template):
+@pytest.mark.parametrize("where", ["template", "edit_template", "region template", "region edit_template"])
+def test_templates_take_plain_names_only(template, where):
+    if where.startswith("region "):
+        fields = {"regions": {"eu": {"style": "minimal", where.removeprefix("region "): template}}}
+    else:
+        fields = {where: template}
     with pytest.raises(ValidationError, match="template field"):
-        catalog(template=template)
+        catalog(**fields)
 
 
 def test_checks_have_a_question_or_are_captions():

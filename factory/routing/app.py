@@ -42,6 +42,7 @@ from factory.model.revisions import hub_revisions, pin_revisions
 from factory.routing.api_models import ApiSettings
 from factory.routing.local import profile_defaults
 from factory.routing.parser import GenerationDefaults
+from factory.routing.proxy_bound import proxy_environment
 from factory.routing.replica import ReplicaConfig
 from factory.routing.tenants import TenantRegistry
 from factory.safety.policy import SafetyPolicy
@@ -221,17 +222,20 @@ def build_app(args: dict[str, Any]):
 
 
 def proxy_options(settings: ApiSettings) -> dict[str, Any]:
-    """`serve.start` options for the config's proxies: HTTP where it says (loopback by default); gRPC, when
-    enabled, with the Factory service, no reflection (it would list the services to anyone: Serve runs it on the
-    proxy, before any key is checked), and its message size bounded. Serve 2.60 takes that bound only from
-    RAY_SERVE_GRPC_MAX_MESSAGE_SIZE in the proxy's process (ray/serve/_private/constants.py), and the proxies
-    are started by the controller with its runtime env."""
+    """`serve.start` options for the config's proxies: HTTP where it says (loopback by default), reading no
+    further into a body than the body limit (factory.routing.proxy_bound); gRPC, when enabled, with the Factory
+    service, no reflection (it would list the services to anyone: Serve runs it on the proxy, before any key is
+    checked), and its message size bounded. Serve 2.60 takes both bounds only from the proxy's process env
+    (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, RAY_SERVE_GRPC_MAX_MESSAGE_SIZE: ray/serve/_private/constants.py),
+    and the proxies are started by the controller with its runtime env."""
+    assert settings.limits.max_body_bytes is not None  # Limits derives it when unset
+    env_vars = proxy_environment(settings.limits.max_body_bytes)
     options: dict[str, Any] = {"http_options": {"host": settings.http.host, "port": settings.http.port}}
     if settings.grpc.enabled:
         options["grpc_options"] = {"port": settings.grpc.port, "grpc_servicer_functions": [_servicer_function()],
                                    "enable_reflection": False}
-        options["controller_options"] = {"runtime_env": {"env_vars": {
-            GRPC_MESSAGE_SIZE_VARIABLE: str(settings.grpc_max_message_bytes())}}}
+        env_vars[GRPC_MESSAGE_SIZE_VARIABLE] = str(settings.grpc_max_message_bytes())
+    options["controller_options"] = {"runtime_env": {"env_vars": env_vars}}
     return options
 
 

@@ -10,8 +10,8 @@ after the body has been read whole and validated. The gate runs first, on the he
    limit, by Starlette's own `RequestBodyLimitMiddleware`.
 
 Authentication comes first: an anonymous request learns nothing about the server's limits, and a declared
-oversized body is refused unread either way. Serve's HTTP proxy (another process) reads the body ahead into a
-queue until the ingress answers, so these answers come in milliseconds to keep what it holds small.
+oversized body is refused unread either way. Serve's HTTP proxy (another process) reads no further into a body
+than the limit (factory.routing.proxy_bound), so what it and this replica hold stays within about the limit.
 """
 
 from __future__ import annotations

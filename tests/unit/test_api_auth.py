@@ -137,6 +137,9 @@ def test_serve_run_config_and_the_application_builder():
     assert with_grpc.grpc_options.model_dump(include={"port", "enable_reflection", "grpc_servicer_functions"}) == \
         options["grpc_options"]
     assert with_grpc.controller_options.runtime_env == options["controller_options"]["runtime_env"]
+    # as the file stands (HTTP only), its proxy reads no further into a body than `factory serve`'s would
+    http_only = proxy_options(served)
+    assert config.controller_options.runtime_env == http_only["controller_options"]["runtime_env"]
     import os
 
     cwd = os.getcwd()

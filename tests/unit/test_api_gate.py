@@ -16,6 +16,7 @@ from factory.routing.api_models import ApiSettings, GenerateBody, Limits
 from factory.routing.app import GRPC_MESSAGE_SIZE_VARIABLE, load_serving, proxy_options
 from factory.routing.auth import Keyring, new_key
 from factory.routing.gate import RequestGate
+from factory.routing.proxy_bound import proxy_environment
 
 KEY = new_key("acme")
 LIMIT = 100_000
@@ -188,12 +189,19 @@ def test_serve_starts_grpc_without_reflection_and_with_the_message_bound():
     options = proxy_options(settings)
     assert options["grpc_options"]["port"] == 9100 and options["grpc_options"]["enable_reflection"] is False
     env = options["controller_options"]["runtime_env"]["env_vars"]
-    assert env == {GRPC_MESSAGE_SIZE_VARIABLE: str(settings.grpc_max_message_bytes())}
+    assert env == {GRPC_MESSAGE_SIZE_VARIABLE: str(settings.grpc_max_message_bytes()),
+                   **proxy_environment(settings.limits.max_body_bytes)}
     from ray.serve.config import ControllerOptions, gRPCOptions
 
     gRPCOptions(**options["grpc_options"])  # Serve's own models accept them
     ControllerOptions(**options["controller_options"])
-    assert set(proxy_options(ApiSettings())) == {"http_options"}
+
+
+def test_serve_starts_http_only_proxies_that_read_no_further_than_the_body_limit():
+    settings = ApiSettings(limits={"max_body_bytes": 2_000_000})
+    options = proxy_options(settings)
+    assert set(options) == {"http_options", "controller_options"}
+    assert options["controller_options"]["runtime_env"]["env_vars"] == proxy_environment(2_000_000)
 
 
 def test_factory_serve_refuses_grpc_beyond_http_in_one_line_before_touching_ray(tmp_path):

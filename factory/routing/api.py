@@ -348,8 +348,7 @@ class ApiIngress:
         return HEALTH_PATHS | (frozenset(path for path in docs if path) if self.settings.public_docs else frozenset())
 
     def max_body_bytes(self) -> int:
-        assert self.settings.limits.max_body_bytes is not None  # Limits derives it when unset
-        return self.settings.limits.max_body_bytes
+        return self.settings.limits.body_limit()
 
     async def probe(self) -> tuple[bool, str]:
         """Whether a model replica answers within the probe timeout; remembered once true."""

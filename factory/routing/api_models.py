@@ -280,6 +280,11 @@ class Limits(_Section):
             self.max_body_bytes = self.max_image_bytes * 3 // 2 + FIELDS_SLACK_BYTES
         return self
 
+    def body_limit(self) -> int:
+        """`max_body_bytes` as it stands after validation, given or derived: never None."""
+        assert self.max_body_bytes is not None  # _body_bound derives it when unset
+        return self.max_body_bytes
+
 
 class GenerationOverrides(_Section):
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
@@ -361,7 +366,7 @@ class ApiSettings(_Section):
         """Serve's gRPC proxy takes one size for messages both ways: the body bound, or the largest PNG a
         generation within the limits can answer with (RGBA, uncompressed), whichever is larger."""
         largest_png = self.limits.max_side * self.limits.max_side * 4 + FIELDS_SLACK_BYTES
-        return max(self.limits.max_body_bytes or 0, largest_png)
+        return max(self.limits.body_limit(), largest_png)
 
 
 def body_fields(body: BaseModel) -> dict[str, Any]:

@@ -228,8 +228,7 @@ def proxy_options(settings: ApiSettings) -> dict[str, Any]:
     checked), and its message size bounded. Serve 2.60 takes both bounds only from the proxy's process env
     (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, RAY_SERVE_GRPC_MAX_MESSAGE_SIZE: ray/serve/_private/constants.py),
     and the proxies are started by the controller with its runtime env."""
-    assert settings.limits.max_body_bytes is not None  # Limits derives it when unset
-    env_vars = proxy_environment(settings.limits.max_body_bytes)
+    env_vars = proxy_environment(settings.limits.body_limit())
     options: dict[str, Any] = {"http_options": {"host": settings.http.host, "port": settings.http.port}}
     if settings.grpc.enabled:
         options["grpc_options"] = {"port": settings.grpc.port, "grpc_servicer_functions": [_servicer_function()],
